@@ -1,0 +1,425 @@
+"""
+Hand-written LoRA: Low-Rank Adaptation of Large Language Models (Hu et al. 2021, arXiv:2106.09685).
+
+A frozen pretrained weight W0 (out x in) gets a trainable low-rank update B A (Section 4.1):
+
+                 +-----------------+
+   x (*, in) --->|  W0  (frozen)   |-----------------------------+
+        |        +-----------------+                             |
+        |                                                        v
+        +--> dropout --> A (r x in) --> B (out x r) --> * s --> (+) --> h (*, out)
+
+   h = W0 x + s * B A x        s = alpha / r   (rsLoRA: alpha / sqrt(r);  or 1)
+
+   A starts Kaiming-uniform, B starts at zero, so B A = 0 and the model starts exactly as pretrained.
+   Trainable parameters per layer: r * (in + out) instead of in * out.
+   For deployment B A is folded into W0 (merge): no extra latency (Section 4.1, "No Additional Inference Latency").
+
+The whole API is a few verbs:
+   apply_lora_to_model -> mark_only_lora_as_trainable -> (train) -> save_adapter / load_adapter
+   merge_lora_weights / unmerge_lora_weights / merge_and_unload, count_lora_parameters.
+Adapters are written in the Hugging Face PEFT format (adapter_config.json + adapter_model.safetensors),
+so PEFT, vLLM and the Hub can read them, and adapters trained with PEFT load here.
+"""
+
+import json
+import math
+import os
+import re
+import warnings
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:  # GPT-2 stores its projections as Conv1D with weight (in, out); only needed to recognise it.
+    from transformers.pytorch_utils import Conv1D
+except ImportError:  # pragma: no cover - lora_linear works with torch alone
+    class Conv1D(nn.Module):
+        pass
+
+ADAPTER_CONFIG_NAME = "adapter_config.json"
+ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
+SCALING_MODES = ("standard", "rslora", "none")
+B_INITS = ("zeros", "kaiming")
+BIAS_MODES = ("none", "all", "lora_only")
+HEAD_NAMES = ("classifier", "score")  # sequence-classification heads: new and random, so they must train
+DEFAULT_TARGETS = {  # the paper adapts W_q and W_v (Section 7.1)
+    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
+    "electra": ["query", "value"], "vit": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
+    "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+}
+
+
+class AdapterError(ValueError):
+    """An adapter file or config that cannot be used with this model."""
+
+
+# ----------------------------------------------------------------------------- the low-rank update
+
+class LoRALayer(nn.Module):
+    """The update alone: x -> s * B(A(dropout(x))). Section 4.1 of the paper."""
+
+    def __init__(self, in_features, out_features, rank=8, alpha=16.0, dropout=0.0,
+                 init_B="zeros", scaling_mode="standard", device=None, dtype=None):
+        super().__init__()
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ValueError(f"rank must be a positive integer, got {rank!r}")
+        if not alpha > 0:
+            raise ValueError(f"alpha must be > 0, got {alpha!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        if init_B not in B_INITS or scaling_mode not in SCALING_MODES:
+            raise ValueError(f"init_B must be one of {B_INITS} and scaling_mode one of {SCALING_MODES}, "
+                             f"got {init_B!r}, {scaling_mode!r}")
+        self.rank, self.alpha, self.init_B, self.scaling_mode = rank, float(alpha), init_B, scaling_mode
+        self.scaling = {"standard": alpha / rank, "rslora": alpha / math.sqrt(rank), "none": 1.0}[scaling_mode]
+        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear does for its weight
+        if self.init_B == "zeros":
+            nn.init.zeros_(self.lora_B)  # B A = 0: training starts from the pretrained function
+        else:
+            nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))  # the ablation: a random start
+
+    def delta_weight(self):
+        """s * B A, shape (out, in): what merging adds to W0."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def forward(self, x):
+        x = self.dropout(x.to(self.lora_A.dtype))
+        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+
+
+class LinearWithLoRA(nn.Module):
+    """A frozen nn.Linear (or GPT-2 Conv1D) plus a LoRALayer: forward = base(x) + lora(x).
+
+    Wraps the existing layer in place (no copy of W0). Conv1D stores its weight as (in, out), so merging
+    adds the transpose of B A; the adapter itself keeps the same (r, in) / (out, r) orientation.
+    """
+
+    def __init__(self, base_layer, rank=8, alpha=16.0, dropout=0.0, init_B="zeros", scaling_mode="standard"):
+        super().__init__()
+        if isinstance(base_layer, Conv1D):
+            in_features, out_features = base_layer.weight.shape
+        elif isinstance(base_layer, nn.Linear):
+            in_features, out_features = base_layer.in_features, base_layer.out_features
+        else:
+            raise TypeError(f"LoRA wraps nn.Linear or transformers Conv1D, not {type(base_layer).__name__}")
+        self.base_layer = base_layer
+        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
+        for p in base_layer.parameters():
+            p.requires_grad = False
+        weight = base_layer.weight
+        # LoRA weights stay at least fp32 even on a half-precision base: small updates vanish in bf16.
+        self.lora = LoRALayer(in_features, out_features, rank, alpha, dropout, init_B, scaling_mode,
+                              device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
+        self.merged = False
+
+    def forward(self, x):
+        out = self.base_layer(x)
+        if self.merged:
+            return out  # B A already lives inside W0
+        return out + self.lora(x).to(out.dtype)
+
+    def _delta_for_base(self):
+        delta = self.lora.delta_weight().detach()
+        return (delta.T if self.fan_in_fan_out else delta).to(self.base_layer.weight.dtype)
+
+    @torch.no_grad()
+    def merge_weights(self):
+        if self.merged:
+            warnings.warn("LoRA weights are already merged; merging again would add B A twice, skipped")
+            return
+        self.base_layer.weight += self._delta_for_base()
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge_weights(self):
+        if not self.merged:
+            warnings.warn("LoRA weights are not merged; nothing to unmerge")
+            return
+        self.base_layer.weight -= self._delta_for_base()
+        self.merged = False
+
+
+# ----------------------------------------------------------------------------- model surgery
+
+def lora_layers(model):
+    """(name, LinearWithLoRA) for every wrapped layer."""
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)]
+
+
+def _head_names(model):
+    """Module names of the output head: the LM head and classification heads (never adapted by 'all')."""
+    names = {n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)}
+    get_out = getattr(model, "get_output_embeddings", None)
+    out_emb = get_out() if callable(get_out) else None
+    names.update(n for n, m in model.named_modules() if out_emb is not None and m is out_emb)
+    return names
+
+
+def _matches(name, target):
+    """PEFT's rule: the full dotted name equals the target or ends with '.' + target. Never a substring."""
+    return name == target or name.endswith("." + target)
+
+
+def default_target_modules(model):
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in DEFAULT_TARGETS:
+        raise ValueError(f"no default LoRA targets for model type {model_type!r}: pass target_modules, "
+                         f"e.g. ['q_proj', 'v_proj'] or 'all'")
+    return list(DEFAULT_TARGETS[model_type])
+
+
+def find_target_modules(model, target_modules=None):
+    """Resolve target_modules (None, 'all', a regex string, or a list of names) to a list of module names."""
+    if target_modules is None:
+        target_modules = default_target_modules(model)
+    wrapped = {n for n, _ in lora_layers(model)}
+    inside_wrapper = {n + ".base_layer" for n in wrapped}
+    linears = [n for n, m in model.named_modules()
+               if isinstance(m, (nn.Linear, Conv1D)) and n not in inside_wrapper]
+    if target_modules in ("all", "all-linear"):
+        heads = _head_names(model)
+        return [n for n in linears if not any(n == h or n.startswith(h + ".") for h in heads)]
+    modules = dict(model.named_modules())
+    if isinstance(target_modules, str):  # PEFT reads a string as a regex over the full name
+        found = [n for n in modules if re.fullmatch(target_modules, n)]
+        targets, per_target = [target_modules], {target_modules: found}
+    else:
+        targets = list(target_modules)
+        per_target = {t: [n for n in modules if _matches(n, t)] for t in targets}
+    leaf_names = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in sorted(wrapped) + linears))
+    for t in targets:
+        if not per_target[t]:
+            raise ValueError(f"target module {t!r} matches no layer. Linear/Conv1D layer names in this "
+                             f"model: {', '.join(leaf_names)}")
+    names = list(dict.fromkeys(n for t in targets for n in per_target[t]))
+    bad = [f"{n} ({type(modules[n]).__name__})" for n in names
+           if n not in wrapped and not isinstance(modules[n], (nn.Linear, Conv1D))]
+    if bad:
+        raise ValueError(f"LoRA wraps only Linear/Conv1D layers, but target_modules also match: "
+                         f"{', '.join(bad[:5])}. Name the projections instead: {', '.join(leaf_names)}")
+    return names
+
+
+def apply_lora_to_model(model, target_modules=None, rank=8, alpha=16.0, dropout=0.0,
+                        init_B="zeros", scaling_mode="standard"):
+    """Replace the target layers of `model` by LinearWithLoRA, in place, and return the model.
+
+    target_modules: None (per-architecture default), 'all' (every Linear/Conv1D but the output head),
+    or names matched by PEFT's exact name-or-suffix rule. Layers already wrapped are left as they are.
+    """
+    names = find_target_modules(model, target_modules)
+    wrapped = {n for n, _ in lora_layers(model)}
+    for name in names:
+        if name in wrapped:
+            continue
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, LinearWithLoRA(getattr(parent, child), rank, alpha, dropout, init_B, scaling_mode))
+    # Remember what was done: saving an adapter needs it (PEFT's adapter_config.json).
+    model.lora_config = {"r": rank, "lora_alpha": float(alpha), "lora_dropout": float(dropout),
+                         "target_modules": _compact_targets(model), "use_rslora": scaling_mode == "rslora",
+                         "scaling_mode": scaling_mode, "init_B": init_B,
+                         "bias": getattr(model, "lora_config", {}).get("bias", "none"),
+                         "modules_to_save": getattr(model, "lora_config", {}).get("modules_to_save")}
+    return model
+
+
+def _compact_targets(model):
+    """Leaf names of the wrapped layers when they select exactly those layers, else the full names."""
+    wrapped = [n for n, _ in lora_layers(model)]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in wrapped})
+    selected = [n for n, _ in model.named_modules() if any(_matches(n, leaf) for leaf in leaves)]
+    return leaves if sorted(selected) == sorted(wrapped) else wrapped
+
+
+def mark_only_lora_as_trainable(model, bias="none", modules_to_save=None):
+    """Freeze everything except LoRA weights, the chosen biases and `modules_to_save`.
+
+    modules_to_save=None keeps a sequence-classification head ('classifier', 'score') trainable: it is
+    new and randomly initialised, and a frozen random head cannot learn. Pass [] to freeze it too.
+    """
+    if bias not in BIAS_MODES:
+        raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
+    if modules_to_save is None:
+        modules_to_save = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+    for name, param in model.named_parameters():
+        param.requires_grad = ".lora.lora_" in "." + name
+    for name in modules_to_save:
+        for param in model.get_submodule(name).parameters():
+            param.requires_grad = True
+    if bias != "none":
+        owners = [m for _, m in lora_layers(model)] if bias == "lora_only" else [model]
+        for owner in owners:
+            for name, param in owner.named_parameters():
+                if name.endswith("bias"):
+                    param.requires_grad = True
+    if hasattr(model, "lora_config"):
+        model.lora_config.update(bias=bias, modules_to_save=list(modules_to_save) or None)
+    return model
+
+
+def count_lora_parameters(model):
+    """Parameter counts; `total` counts every parameter once, LoRA included."""
+    params = list(model.parameters())  # shared (tied) parameters appear once
+    total = sum(p.numel() for p in params)
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    lora = sum(p.numel() for _, m in lora_layers(model) for p in m.lora.parameters())
+    return {"total": total, "trainable": trainable, "frozen": total - trainable, "lora": lora,
+            "percentage": 100.0 * trainable / total if total else 0.0}
+
+
+def merge_lora_weights(model):
+    for _, layer in lora_layers(model):
+        layer.merge_weights()
+    return model
+
+
+def unmerge_lora_weights(model):
+    for _, layer in lora_layers(model):
+        layer.unmerge_weights()
+    return model
+
+
+def merge_and_unload(model):
+    """Fold every B A into W0 and put the plain layers back: a standard model for save_pretrained."""
+    for name, layer in lora_layers(model):
+        if not layer.merged:
+            layer.merge_weights()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name), child, layer.base_layer)
+    if hasattr(model, "lora_config"):
+        del model.lora_config
+    return model
+
+
+# ----------------------------------------------------------------------------- state and files
+
+def get_lora_state_dict(model):
+    """What an adapter holds: LoRA A and B, plus the saved modules (head) and trained biases."""
+    config = getattr(model, "lora_config", {})
+    keep = [m + "." for m in (config.get("modules_to_save") or [])]
+    bias = config.get("bias", "none")
+    lora_owners = [n + "." for n, _ in lora_layers(model)]
+    state = {}
+    for name, param in model.named_parameters():
+        if (".lora.lora_" in "." + name or any(name.startswith(k) for k in keep)
+                or (bias == "all" and name.endswith("bias"))
+                or (bias == "lora_only" and name.endswith("bias") and any(name.startswith(o) for o in lora_owners))):
+            state[name] = param.detach()
+    return state
+
+
+def load_lora_state_dict(model, state):
+    """Strict load: missing, unexpected or wrong-shaped keys raise an AdapterError that names them."""
+    expected = get_lora_state_dict(model)
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = [f"{k}: adapter {tuple(state[k].shape)} vs model {tuple(v.shape)}"
+             for k, v in expected.items() if k in state and state[k].shape != v.shape]
+    problems = [f"{label} ({len(keys)}): {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                for label, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                    ("shape mismatch", wrong)) if keys]
+    if problems:
+        raise AdapterError("adapter does not fit this model; " + "; ".join(problems)
+                           + ". Was it trained on a different base model or LoRA config?")
+    with torch.no_grad():
+        for name, value in state.items():
+            expected[name].copy_(value)
+    return model
+
+
+def _to_peft_key(name):
+    return "base_model.model." + re.sub(r"\.lora\.lora_([AB])$", r".lora_\1.weight", name)
+
+
+def _from_peft_key(key):
+    name = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
+    return re.sub(r"\.lora_([AB])(\.default)?\.weight$", r".lora.lora_\1", name)
+
+
+def _write_atomically(path, write):
+    tmp = path + ".tmp"
+    write(tmp)
+    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+
+
+def save_adapter(model, output_dir, base_model_name_or_path=None, task_type=None):
+    """Write the adapter in PEFT's format: adapter_config.json + adapter_model.safetensors."""
+    from safetensors.torch import save_file
+    config = getattr(model, "lora_config", None)
+    if config is None:
+        raise ValueError("this model has no LoRA layers: call apply_lora_to_model first")
+    if task_type is None:
+        task_type = "SEQ_CLS" if config.get("modules_to_save") else "CAUSAL_LM"
+    os.makedirs(output_dir, exist_ok=True)
+    tensors = {_to_peft_key(k): v.detach().to("cpu").contiguous() for k, v in get_lora_state_dict(model).items()}
+    # scaling 'none' (s = 1) has no PEFT spelling, but alpha = r under the standard rule is the same thing
+    alpha = float(config["r"]) if config["scaling_mode"] == "none" else config["lora_alpha"]
+    peft_config = {
+        "peft_type": "LORA", "task_type": task_type, "r": config["r"], "lora_alpha": alpha,
+        "lora_dropout": config["lora_dropout"], "target_modules": config["target_modules"],
+        "modules_to_save": config.get("modules_to_save"), "bias": config.get("bias", "none"),
+        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in lora_layers(model)),
+        "use_rslora": config["use_rslora"], "init_lora_weights": True, "use_dora": False,
+        "inference_mode": True, "base_model_name_or_path": base_model_name_or_path,
+    }
+    _write_atomically(os.path.join(output_dir, ADAPTER_WEIGHTS_NAME),
+                      lambda p: save_file(tensors, p, metadata={"format": "pt"}))
+    _write_atomically(os.path.join(output_dir, ADAPTER_CONFIG_NAME),
+                      lambda p: open(p, "w").write(json.dumps(peft_config, indent=2) + "\n"))
+    return output_dir
+
+
+def read_adapter_config(adapter_dir):
+    """adapter_config.json as a dict, checked to be a LoRA config this file can apply."""
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise AdapterError(f"no {ADAPTER_CONFIG_NAME} in {adapter_dir}: point to a folder written by "
+                           f"save_adapter or PEFT's save_pretrained")
+    try:
+        with open(path) as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path} is not valid JSON ({e}); re-save the adapter") from e
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise AdapterError(f"{path} is not a LoRA config (peft_type={found!r}); only LoRA adapters load here")
+    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform")
+                   if config.get(k)]
+    if unsupported:
+        raise AdapterError(f"{path} uses {', '.join(unsupported)}, which this hand-written LoRA does not implement")
+    return config
+
+
+def load_adapter(model, adapter_dir):
+    """Apply the adapter in `adapter_dir` to `model` (a bare base model or one already LoRA-wrapped)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    config = read_adapter_config(adapter_dir)
+    weights = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
+    if not os.path.isfile(weights):
+        pickled = os.path.isfile(os.path.join(adapter_dir, "adapter_model.bin"))
+        raise AdapterError(f"no {ADAPTER_WEIGHTS_NAME} in {adapter_dir}"
+                           + (" (only a pickled adapter_model.bin, which is never unpickled here: re-save "
+                              "it with safetensors)" if pickled else ""))
+    try:
+        state = {_from_peft_key(k): v for k, v in load_file(weights).items()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterError(f"{weights} is truncated or corrupt ({e}); re-save or re-download it") from e
+    if not lora_layers(model):
+        apply_lora_to_model(model, config["target_modules"], config["r"], config["lora_alpha"],
+                            config.get("lora_dropout") or 0.0,
+                            scaling_mode="rslora" if config.get("use_rslora") else "standard")
+        mark_only_lora_as_trainable(model, config.get("bias") or "none",
+                                    [m for m in config.get("modules_to_save") or []
+                                     if isinstance(getattr(model, m, None), nn.Module)])
+    return load_lora_state_dict(model, state)
