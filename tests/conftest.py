@@ -56,3 +56,64 @@ def randomize_lora_B(model, seed=1, std=0.1):
 @pytest.fixture
 def ids():
     return torch.randint(1, VOCAB, (3, 11), generator=torch.Generator().manual_seed(0))
+
+
+# --------------------------------------------------------------------------- tiny end-to-end assets
+# Test-only data: a toy sentiment task whose label is decided by the words in it, so a few steps of
+# training can show the loss going down. It is not presented as real data anywhere.
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "fun"]
+NEGATIVE = ["bad", "awful", "poor", "dull", "boring", "weak"]
+FILLER = ["the", "movie", "film", "plot", "was", "really", "acting", "and", "quite", "story", "a", "very"]
+
+
+def toy_sentences(n, seed):
+    import random
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        label = i % 2
+        words = rng.choices(FILLER, k=rng.randint(2, 8)) + rng.choices(POSITIVE if label else NEGATIVE, k=2)
+        rng.shuffle(words)
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_tiny_tokenizer(folder):
+    from transformers import BertTokenizerFast
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + POSITIVE + NEGATIVE + FILLER
+    os.makedirs(folder, exist_ok=True)
+    tokenizer = BertTokenizerFast(vocab={w: i for i, w in enumerate(vocab)}, eos_token="[SEP]")
+    tokenizer.save_pretrained(folder)
+    return len(vocab)
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory):
+    """Folders with a tiny random BERT and GPT-2 (plus tokenizer) and toy csv/txt data."""
+    from transformers import BertConfig, BertForSequenceClassification, GPT2Config, GPT2LMHeadModel
+    root = tmp_path_factory.mktemp("tiny")
+    paths = {}
+    for name in ("bert", "gpt2"):
+        folder = str(root / name)
+        vocab = write_tiny_tokenizer(folder)
+        torch.manual_seed(0)
+        if name == "bert":
+            model = BertForSequenceClassification(BertConfig(
+                vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                intermediate_size=64, max_position_embeddings=64, num_labels=2, initializer_range=0.2))
+        else:
+            model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                                               bos_token_id=3, eos_token_id=3, initializer_range=0.2))
+        model.save_pretrained(folder)
+        paths[name] = folder
+    import csv
+    for split, n, seed in (("train", 192, 1), ("validation", 64, 2)):
+        path = root / f"{split}.csv"
+        with open(path, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["sentence", "label"])
+            writer.writerows(toy_sentences(n, seed))
+        paths[f"{split}_csv"] = str(path)
+        (root / f"{split}.txt").write_text("\n".join(s for s, _ in toy_sentences(n * 4, seed)) + "\n\n")
+        paths[f"{split}_txt"] = str(root / f"{split}.txt")
+    return paths

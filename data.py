@@ -1,0 +1,225 @@
+"""Data: load (Hub, local files, or the offline fallback), tokenize once, and batch without waste.
+
+Classification: each sentence is tokenized once without padding; batches group sentences of similar
+length and pad only to the longest in the batch (dynamic padding). Padding every sentence to 128 tokens,
+as the seed course did, makes most of each batch padding: Rotten Tomatoes sentences average 21 words.
+
+Causal LM: documents are tokenized, joined with an end-of-text token and cut into full blocks of
+max_length tokens, so no position is padding and the loss is a real language-modelling loss.
+(Padding each line to 512 and training on the pad tokens, as the seed did, makes "loss < 2.0" meaningless.)
+"""
+
+import math
+import os
+import random
+
+import torch
+
+import utils
+from utils import ConfigError, banner, hub_reachable
+
+
+# ----------------------------------------------------------------------------- loading
+
+def load_splits(config):
+    """(train_rows, eval_rows, provenance, columns): lists of dicts plus where they came from."""
+    data, task, seed = config["data"], config["task"], config["training"]["seed"]
+    if data["train_file"]:
+        train, validation = _read_local(data["train_file"], data["text_column"]), None
+        if data["validation_file"]:
+            validation = _read_local(data["validation_file"], data["text_column"])
+        else:
+            train, validation = _split(train, data["validation_fraction"], seed)
+        provenance = {"source": "local files", "train_file": os.path.abspath(data["train_file"]),
+                      "validation_file": os.path.abspath(data["validation_file"]) if data["validation_file"]
+                      else f"seeded {data['validation_fraction']:.0%} split of train_file (seed {seed})"}
+        columns = (data["text_column"], data["text_pair_column"], data["label_column"])
+    else:
+        train, validation, provenance, columns = _load_hub_or_fallback(config)
+    _check_columns(train, columns, task, provenance["source"])
+    train, validation = _limit(train, data["max_train_samples"]), _limit(validation, data["max_eval_samples"])
+    provenance.update(train_rows=len(train), eval_rows=len(validation))
+    return train, validation, provenance, columns
+
+
+def _read_local(path, text_column):
+    if path.endswith(".txt"):  # one example per line
+        with open(path, encoding="utf-8") as f:
+            return [{text_column: line.rstrip("\n")} for line in f]
+    from datasets import load_dataset
+    kind = "csv" if path.endswith(".csv") else "json"
+    return load_dataset(kind, data_files=path, split="train").to_list()
+
+
+def _split(rows, fraction, seed):
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, round(len(rows) * fraction))
+    return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
+
+
+def _limit(rows, limit):
+    return rows[:limit] if limit else rows
+
+
+def _load_hub_or_fallback(config):
+    import assets
+    data = config["data"]
+    name, subset = data["dataset_name"], data["dataset_config"]
+    label = f"{name}/{subset}" if subset else name
+    reason = None
+    if hub_reachable() or _in_datasets_cache(name):
+        from datasets import load_dataset
+        try:
+            dataset = load_dataset(name, subset)
+            columns = (data["text_column"], data["text_pair_column"], data["label_column"])
+            return (dataset[data["train_split"]].to_list(), dataset[data["validation_split"]].to_list(),
+                    {"source": "Hugging Face Hub", "dataset": label, "splits": [data["train_split"],
+                                                                              data["validation_split"]]}, columns)
+        except (ConnectionError, OSError) as e:  # includes the offline "not cached" errors
+            reason = f"loading it failed ({type(e).__name__})"
+    fallback = config["fallback"]["offline_dataset"]
+    if not fallback:
+        raise ConfigError(f"dataset '{label}' cannot be loaded (Hub unreachable, not cached); connect, use "
+                          f"train_file, or set fallback.offline_dataset")
+    reason = reason or utils.OFFLINE_REASON
+    banner([f"OFFLINE FALLBACK: dataset '{label}' replaced by {fallback}",
+            f"why: {reason}",
+            f"from: {assets.PROVENANCE[fallback]}",
+            f"split: seeded {data['validation_fraction']:.0%} validation (seed {config['training']['seed']})"])
+    loader = assets.rotten_tomatoes if fallback == "rotten_tomatoes" else assets.english_text
+    train, validation = loader(seed=config["training"]["seed"], validation_fraction=data["validation_fraction"])
+    columns = ("sentence", None, "label") if fallback == "rotten_tomatoes" else ("text", None, None)
+    return train, validation, {"source": assets.PROVENANCE[fallback], "dataset": fallback, "requested": label,
+                               "fallback": True, "reason": reason}, columns
+
+
+def _in_datasets_cache(name):
+    from datasets import config as datasets_config
+    cache = datasets_config.HF_DATASETS_CACHE
+    return os.path.isdir(cache) and any(name.replace("/", "___") in d for d in os.listdir(cache))
+
+
+def _check_columns(rows, columns, task, source):
+    text, pair, label = columns
+    if not rows:
+        raise ConfigError(f"the training data from {source} is empty")
+    needed = [c for c in ((text, pair, label) if task == "classification" else (text,)) if c]
+    missing = [c for c in needed if c not in rows[0]]
+    if missing:
+        raise ConfigError(f"column(s) {', '.join(missing)} not in the data (columns: {', '.join(rows[0])}); "
+                          f"set text_column / text_pair_column / label_column")
+
+
+# ----------------------------------------------------------------------------- tokenizing
+
+def tokenize_classification(rows, tokenizer, columns, max_length, label_map=None):
+    """One dict per example: input_ids, attention_mask (token_type_ids), labels. No padding here."""
+    text, pair, label = columns
+    encoded = tokenizer([str(r[text]) for r in rows], [str(r[pair]) for r in rows] if pair else None,
+                        truncation=True, max_length=max_length)
+    labels = [r[label] for r in rows]
+    if label_map is None:  # ints stay ints (GLUE); strings or -1/1 become 0..n-1 in sorted order
+        values = sorted(set(labels))
+        label_map = {v: v for v in values} if all(isinstance(v, int) and v >= 0 for v in values) else \
+            {v: i for i, v in enumerate(values)}
+    unknown = set(labels) - set(label_map)
+    if unknown:
+        raise ConfigError(f"validation labels {sorted(unknown)[:5]} never occur in training")
+    keys = list(encoded.keys())
+    examples = [{k: encoded[k][i] for k in keys} | {"labels": label_map[labels[i]]} for i in range(len(rows))]
+    return examples, label_map
+
+
+def tokenize_causal_lm(rows, tokenizer, text_column, block_size):
+    """Join documents (skipping empty lines) with the EOS token and cut into full blocks."""
+    eos = tokenizer.eos_token_id
+    ids = []
+    texts = [str(r[text_column]) for r in rows if str(r[text_column]).strip()]
+    for tokens in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+        ids.extend(tokens + ([eos] if eos is not None else []))
+    blocks = len(ids) // block_size
+    if blocks == 0:
+        raise ConfigError(f"only {len(ids)} tokens of text, fewer than one block of max_length={block_size}; "
+                          f"lower max_length or add data")
+    return [{"input_ids": ids[i * block_size:(i + 1) * block_size]} for i in range(blocks)]
+
+
+# ----------------------------------------------------------------------------- batching
+
+class LengthGroupedBatchSampler(torch.utils.data.Sampler):
+    """Shuffled batches of similar-length examples, the same on every rank; rank r takes batches r::world.
+
+    Examples are shuffled, cut into mega-batches of 50 batches, each sorted by length and cut into batches,
+    then the batches are shuffled: batches stay random while padding within each batch stays small.
+    """
+
+    def __init__(self, lengths, batch_size, shuffle=True, group_by_length=True, seed=0, rank=0, world_size=1):
+        self.lengths, self.batch_size, self.shuffle = lengths, batch_size, shuffle
+        self.group_by_length, self.seed, self.rank, self.world_size = group_by_length, seed, rank, world_size
+        self.epoch, self.skip = 0, 0
+
+    def set_epoch(self, epoch, skip_batches=0):
+        """Choose the epoch's order; skip_batches resumes in the middle of an epoch."""
+        self.epoch, self.skip = epoch, skip_batches
+
+    def _batches(self):
+        order = list(range(len(self.lengths)))
+        rng = random.Random(self.seed + self.epoch)
+        if self.shuffle:
+            rng.shuffle(order)
+        if self.group_by_length:
+            mega = self.batch_size * 50
+            order = [i for s in range(0, len(order), mega)
+                     for i in sorted(order[s:s + mega], key=lambda i: -self.lengths[i])]
+        batches = [order[s:s + self.batch_size] for s in range(0, len(order), self.batch_size)]
+        if self.shuffle and self.group_by_length:
+            rng.shuffle(batches)
+        if self.world_size > 1:
+            if self.shuffle:  # training: equal batch counts on every rank keep DDP's all-reduces in step
+                per_rank = math.ceil(len(batches) / self.world_size)
+                batches = (batches * 2)[:per_rank * self.world_size]
+            batches = batches[self.rank::self.world_size]  # evaluation: each example exactly once
+        return batches
+
+    def __iter__(self):
+        yield from self._batches()[self.skip:]
+
+    def __len__(self):
+        return len(self._batches()) - self.skip
+
+
+def make_loader(examples, collate, batch_size, shuffle, group_by_length, seed, rank=0, world_size=1, num_workers=0):
+    key = "input_ids"
+    sampler = LengthGroupedBatchSampler([len(e[key]) for e in examples], batch_size, shuffle,
+                                        group_by_length, seed, rank, world_size)
+    # Its own generator: creating an iterator draws a seed, and drawing it from the global RNG would shift
+    # the dropout masks of a resumed run away from those of an uninterrupted one.
+    return torch.utils.data.DataLoader(examples, batch_sampler=sampler, collate_fn=collate, num_workers=num_workers,
+                                       generator=torch.Generator().manual_seed(seed))
+
+
+def collate_causal_lm(batch):
+    """Blocks are full, so labels are the input ids; the model shifts them by one position."""
+    input_ids = torch.tensor([b["input_ids"] for b in batch])
+    return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
+
+
+def build_datasets(config, tokenizer, splits=None):
+    """(train_examples, eval_examples, collate, provenance, label_map); splits: load_splits(config) if given."""
+    train_rows, eval_rows, provenance, columns = splits or load_splits(config)
+    max_length = config["training"]["max_length"]
+    if config["task"] == "classification":
+        from transformers import DataCollatorWithPadding
+        train, label_map = tokenize_classification(train_rows, tokenizer, columns, max_length)
+        if len(label_map) != config["num_labels"]:
+            raise ConfigError(f"the data has {len(label_map)} labels {list(label_map)[:10]} but num_labels is "
+                              f"{config['num_labels']}; set num_labels: {len(label_map)}")
+        evaluation, _ = tokenize_classification(eval_rows, tokenizer, columns, max_length, label_map)
+        collate = DataCollatorWithPadding(tokenizer)
+    else:
+        train = tokenize_causal_lm(train_rows, tokenizer, columns[0], max_length)
+        evaluation = tokenize_causal_lm(eval_rows, tokenizer, columns[0], max_length)
+        collate, label_map = collate_causal_lm, None
+    provenance.update(train_examples=len(train), eval_examples=len(evaluation))
+    return train, evaluation, collate, provenance, label_map

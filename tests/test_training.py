@@ -1,0 +1,180 @@
+"""End-to-end training runs on tiny random models and toy local files (no network)."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train_lora_basic
+from lora_linear import load_adapter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def bert_args(assets, out, *extra):
+    return ["--model", assets["bert"], "--train_file", assets["train_csv"], "--validation_file",
+            assets["validation_csv"], "--output_dir", str(out), "--epochs", "3", "--batch_size", "16",
+            "--lr", "1e-2", "--logging_steps", "2", "--max_length", "32", "--device", "cpu", *extra]
+
+
+def gpt2_args(assets, out, *extra):
+    return ["--model", assets["gpt2"], "--task", "causal_lm", "--target_modules", "c_attn",
+            "--train_file", assets["train_txt"], "--validation_file", assets["validation_txt"],
+            "--output_dir", str(out), "--epochs", "2", "--batch_size", "4", "--lr", "5e-3",
+            "--max_length", "32", "--logging_steps", "2", "--group_by_length", "false", "--device", "cpu", *extra]
+
+
+def metrics_of(out):
+    with open(os.path.join(out, "training_metrics.json")) as f:
+        return json.load(f)
+
+
+def test_classification_run_writes_everything_and_learns(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    assert train_lora_basic.main(bert_args(tiny_assets, out)) == 0
+    for name in ("adapter_config.json", "adapter_model.safetensors", "final/adapter_model.safetensors",
+                 "training_curves.png", "training_metrics.json", "training_log.txt", "model_comparison.txt"):
+        assert (out / name).is_file(), name
+    assert not (out / "checkpoint").exists() and not (out / ".lock").exists()
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(out / "logs"))
+    metrics = metrics_of(out)
+    epochs = metrics["epochs"]
+    assert epochs[-1]["eval_loss"] < epochs[0]["eval_loss"] and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert metrics["best"]["metric_name"] == "accuracy" and metrics["best"]["value"] > 0.6
+    assert metrics["parameters"]["lora"] == 2 * 2 * 8 * (32 + 32)
+    assert metrics["provenance"]["model"]["source"] == "local folder"
+    assert "reduction" in (out / "model_comparison.txt").read_text()
+    assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_saved_adapter_reloads_to_the_same_eval_metric(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    assert train_lora_basic.main(bert_args(tiny_assets, out)) == 0
+    from data import build_datasets, make_loader
+    from utils import load_base_model, load_config, build_arg_parser
+    config = load_config(build_arg_parser("").parse_args(bert_args(tiny_assets, out)))
+    model, tokenizer, _ = load_base_model(config["model_name"], "classification", 2)
+    load_adapter(model, out)
+    _, eval_set, collate, _, _ = build_datasets(config, tokenizer)
+    loader = make_loader(eval_set, collate, 64, False, True, 0)
+    result = train_lora_basic.evaluate(model, loader, "classification", torch.device("cpu"), "fp32", 1, False)
+    assert result["accuracy"] == pytest.approx(metrics_of(out)["best"]["value"], abs=1e-9)
+
+
+def test_causal_lm_run_reports_perplexity_and_learns(tiny_assets, tmp_path):
+    out = tmp_path / "lm"
+    assert train_lora_basic.main(gpt2_args(tiny_assets, out)) == 0
+    metrics = metrics_of(out)
+    assert metrics["best"]["metric_name"] == "perplexity"
+    epochs = metrics["epochs"]
+    assert epochs[-1]["eval_loss"] < epochs[0]["eval_loss"] and epochs[-1]["train_loss"] < epochs[0]["train_loss"]
+    assert epochs[-1]["eval_perplexity"] == pytest.approx(2.718281828 ** epochs[-1]["eval_loss"], rel=1e-6)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "CAUSAL_LM" and config["target_modules"] == ["c_attn"]
+
+
+def test_interrupted_then_resumed_run_matches_uninterrupted(tiny_assets, tmp_path):
+    full = tmp_path / "full"
+    assert train_lora_basic.main(bert_args(tiny_assets, full, "--dropout", "0.1")) == 0
+    part = tmp_path / "part"
+
+    def stop_at_step_7(state):  # what Ctrl-C does: ask the loop to stop after this optimizer step
+        if state["step"] == 7:
+            train_lora_basic.request_stop()
+    assert train_lora_basic.main(bert_args(tiny_assets, part, "--dropout", "0.1"), callbacks=[stop_at_step_7]) == 130
+    assert (part / "checkpoint" / "trainer_state.pt").is_file()
+    assert train_lora_basic.main(bert_args(tiny_assets, part, "--dropout", "0.1", "--resume")) == 0
+    from safetensors.torch import load_file
+    a = load_file(full / "final" / "adapter_model.safetensors")
+    b = load_file(part / "final" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert metrics_of(part)["best"]["value"] == metrics_of(full)["best"]["value"]
+
+
+def test_occupied_or_finished_output_dir_is_not_overwritten(tiny_assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / ".lock").write_text(str(os.getpid()))  # a live process holds it
+    assert train_lora_basic.main(bert_args(tiny_assets, out)) == 2
+    assert "in use by a running training" in capsys.readouterr().err
+    (out / ".lock").unlink()
+    assert train_lora_basic.main(bert_args(tiny_assets, out, "--max_steps", "2")) == 0
+    before = (out / "adapter_model.safetensors").read_bytes()
+    assert train_lora_basic.main(bert_args(tiny_assets, out)) == 2
+    assert "already holds a finished run" in capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").read_bytes() == before
+
+
+def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_adapter(tiny_assets, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_lora_basic.main(bert_args(tiny_assets, out, "--max_steps", "3")) == 0
+    good = (out / "adapter_model.safetensors").read_bytes()
+    code = train_lora_basic.main(bert_args(tiny_assets, out, "--overwrite_output_dir", "--lr", "1e30",
+                                           "--max_grad_norm", "1e30"))
+    err = capsys.readouterr().err
+    assert code == 1 and "loss became nan" in err.lower() and "last good adapter" in err
+    assert (out / "adapter_model.safetensors").read_bytes() == good
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rank", "0"], "invalid value for 'rank'"),
+    (["--lr", "-1"], "invalid value for 'learning_rate'"),
+    (["--dropout", "1.5"], "invalid value for 'dropout'"),
+    (["--precision", "fp8"], "invalid value for 'precision'"),
+    (["--task", "translation"], "invalid value for 'task'"),
+    (["--train_file", "/nonexistent.csv"], "does not exist"),
+    (["--target_modules", "nonexistent"], "matches no layer"),
+    (["--label_column", "stars"], "column(s) stars not in the data"),
+])
+def test_bad_flags_exit_2_with_one_line(tiny_assets, tmp_path, capsys, extra, message):
+    assert train_lora_basic.main(bert_args(tiny_assets, tmp_path / "bad", *extra)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_bad_config_file_exits_2_before_loading_anything(tmp_path):
+    config = tmp_path / "typo.yaml"
+    config.write_text("lora:\n  rnak: 8\n")
+    result = subprocess.run([sys.executable, "train_lora_basic.py", "--config", str(config)], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "unknown config key 'lora.rnak' (did you mean 'lora.rank'?)" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_shipped_configs_are_valid():
+    from utils import build_arg_parser, load_config
+    for path in ("config.yaml", "configs/gpt2_wikitext.yaml"):
+        config = load_config(build_arg_parser("").parse_args(["--config", os.path.join(ROOT, path)]))
+        assert config["lora"]["rank"] == 8 and config["lora"]["alpha"] == 16.0
+    seed_style = build_arg_parser("").parse_args(["--model", "gpt2", "--epochs", "1", "--lr", "2e-4",
+                                                  "--output", "x", "--target_modules", "q", "v"])
+    config = load_config(seed_style)
+    assert (config["model_name"], config["training"]["num_epochs"], config["output_dir"]) == ("gpt2", 1, "x")
+    assert config["training"]["learning_rate"] == 2e-4 and config["lora"]["target_modules"] == ["q", "v"]
+
+
+def test_push_to_hub_without_network_fails_clearly_after_saving(tiny_assets, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    out = tmp_path / "run"
+    code = train_lora_basic.main(bert_args(tiny_assets, out, "--max_steps", "2", "--push_to_hub",
+                                           "--hub_model_id", "someone/tiny-lora"))
+    assert code == 1 and "push to the Hub failed" in capsys.readouterr().err
+    assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()
+
+
+def test_two_process_ddp_on_cpu(tiny_assets, tmp_path):
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+           "train_lora_basic.py", *bert_args(tiny_assets, out, "--epochs", "1")]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = metrics_of(out)
+    assert metrics["world_size"] == 2
+    assert metrics["epochs"][0]["step"] == 192 // 16 // 2  # each rank took half of the batches
+    assert 0.0 <= metrics["best"]["value"] <= 1.0

@@ -1,0 +1,527 @@
+"""
+Fine-tune a transformer with hand-written LoRA.
+
+    python train_lora_basic.py --config config.yaml                      # BERT x SST-2 (classification)
+    python train_lora_basic.py --config configs/gpt2_wikitext.yaml       # GPT-2 x wikitext-2 (causal LM)
+    python train_lora_basic.py --rank 16 --learning_rate 5e-4 --output_dir results/rank_16
+    torchrun --nproc_per_node 2 train_lora_basic.py --config config.yaml # DistributedDataParallel
+
+Every config key is also a flag (--rank, --batch_size, ...). The loop below is written out by hand on
+purpose: AdamW over the LoRA parameters only, linear warmup then decay, gradient accumulation and clipping,
+mixed precision, evaluation each epoch, the best adapter kept, and checkpoints that survive Ctrl-C.
+"""
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from data import build_datasets, load_splits, make_loader
+from lora_linear import apply_lora_to_model, count_lora_parameters, load_adapter, mark_only_lora_as_trainable, save_adapter
+from utils import (ConfigError, autocast_context, build_arg_parser, expand_target_modules, format_parameter_table,
+                   library_versions, load_base_model, load_config, machine_description, peak_memory_mb, pick_device,
+                   plot_training_curves, resolve_precision, set_seed, write_json_atomic)
+
+log = logging.getLogger("train_lora")
+STOP_REQUESTED = False  # set by Ctrl-C (or a callback); checked after every optimizer step
+
+
+class TrainingDiverged(RuntimeError):
+    pass
+
+
+def request_stop(*_):
+    global STOP_REQUESTED
+    if STOP_REQUESTED:  # a second Ctrl-C stops at once
+        raise KeyboardInterrupt
+    STOP_REQUESTED = True
+
+
+# ----------------------------------------------------------------------------- setup
+
+def setup_distributed(config):
+    """(rank, world_size, device). torchrun sets WORLD_SIZE; nccl on CUDA, gloo on CPU."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return 0, 1, pick_device(config["device"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available() and config["device"] in ("auto", "cuda"):
+        torch.cuda.set_device(local_rank)
+        device, backend = torch.device("cuda", local_rank), "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend)
+    return dist.get_rank(), world_size, device
+
+
+def claim_output_dir(output_dir, resume, overwrite):
+    """Refuse to clobber: a live run holding the lock, or a finished run unless asked to overwrite."""
+    os.makedirs(output_dir, exist_ok=True)
+    lock = os.path.join(output_dir, ".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        pid = int(open(lock).read().strip() or 0)
+        if _process_alive(pid):
+            raise ConfigError(f"output_dir '{output_dir}' is in use by a running training (pid {pid}); "
+                              f"choose another --output_dir")
+        os.remove(lock)  # left by a run that died
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    has_checkpoint = os.path.isdir(os.path.join(output_dir, "checkpoint"))
+    finished = os.path.isfile(os.path.join(output_dir, "training_metrics.json"))
+    problem = None
+    if resume and not has_checkpoint:
+        problem = f"--resume but '{output_dir}' has no checkpoint/; start without --resume"
+    elif not resume and not overwrite and has_checkpoint:
+        problem = f"'{output_dir}' holds an interrupted run; continue it with --resume or pass --overwrite_output_dir"
+    elif not resume and not overwrite and finished:
+        problem = f"'{output_dir}' already holds a finished run; pass --overwrite_output_dir or another --output_dir"
+    if problem:
+        os.remove(lock)
+        raise ConfigError(problem)
+    return lock
+
+
+def _process_alive(pid):
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def setup_logging(output_dir, is_main):
+    log.handlers.clear()
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if is_main:
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "training_log.txt"), mode="a"))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+
+
+def _targets_exist(model, targets):
+    from lora_linear import find_target_modules
+    try:
+        find_target_modules(model, targets)
+        return True
+    except ValueError:
+        return False
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+@torch.no_grad()
+def evaluate(model, loader, task, device, precision, world_size, show_progress):
+    """Mean loss and accuracy (classification) or perplexity (causal LM), summed across ranks."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss * items, correct, items
+    for batch in tqdm(loader, desc="eval", leave=False, disable=not show_progress):
+        batch = {k: v.to(device) for k, v in batch.items()}
+        with autocast_context(precision, device):
+            out = model(**batch)
+        if task == "classification":
+            items = batch["labels"].numel()
+            totals[1] += (out.logits.argmax(-1) == batch["labels"]).sum()
+        else:
+            items = batch["labels"][:, 1:].numel()  # predicted positions
+        totals[0] += out.loss.double() * items
+        totals[2] += items
+    if world_size > 1:
+        dist.all_reduce(totals)
+    loss = (totals[0] / totals[2]).item()
+    model.train()
+    if task == "classification":
+        return {"loss": loss, "accuracy": (totals[1] / totals[2]).item()}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, config, provenance):
+    """Write checkpoint.new/ completely, then swap it in: an interruption never leaves a half checkpoint."""
+    final = os.path.join(output_dir, "checkpoint")
+    staging, old = final + ".new", final + ".old"
+    save_adapter(model, staging, base_model_name_or_path=provenance["model"]["used"])
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "state": state,
+                "config": json.dumps(config), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               os.path.join(staging, "trainer_state.pt"))
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(staging, final)
+    if os.path.isdir(old):
+        import shutil
+        shutil.rmtree(old)
+
+
+def load_checkpoint(output_dir, model, optimizer, scheduler, scaler, config):
+    folder = os.path.join(output_dir, "checkpoint")
+    if not os.path.isdir(folder) and os.path.isdir(folder + ".old"):
+        folder += ".old"  # interrupted while swapping: the previous complete one
+    load_adapter(model, folder)  # strict: the LoRA weights and head of the checkpoint
+    # weights_only: tensors, numbers and containers only; nothing is unpickled as code
+    saved = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=True)
+    old_config = json.loads(saved["config"])
+    changed = [k for k in ("lora", "training", "data", "task", "model_name")
+               if json.dumps(old_config[k], sort_keys=True) != json.dumps(config[k], sort_keys=True)]
+    if changed:
+        raise ConfigError(f"--resume with a different config ({', '.join(changed)} changed); "
+                          f"resume with the original settings")
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    if scaler is not None and saved["scaler"]:
+        scaler.load_state_dict(saved["scaler"])
+    torch.set_rng_state(saved["torch_rng"])
+    if saved["cuda_rng"]:
+        torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    return saved["state"]
+
+
+# ----------------------------------------------------------------------------- training
+
+def train(config, args, callbacks=()):
+    rank, world_size, device = setup_distributed(config)
+    is_main = rank == 0
+    output_dir, training = config["output_dir"], config["training"]
+    lock = claim_output_dir(output_dir, args.resume, args.overwrite_output_dir) if is_main else None
+    try:
+        return _train(config, args, callbacks, rank, world_size, device, is_main)
+    finally:
+        if lock and os.path.exists(lock):
+            os.remove(lock)
+        if world_size > 1:
+            dist.destroy_process_group()
+
+
+def _train(config, args, callbacks, rank, world_size, device, is_main):
+    output_dir, training, task = config["output_dir"], config["training"], config["task"]
+    setup_logging(output_dir, is_main)
+    precision = resolve_precision(training["precision"], device)
+    set_seed(training["seed"])
+    start = time.time()
+
+    # Rank 0 fetches any offline asset first, the others then read it from the cache.
+    if world_size > 1 and not is_main:
+        dist.barrier()
+    splits = load_splits(config)  # data first: a wrong column fails before the model loads
+    model, tokenizer, model_provenance = load_base_model(config["model_name"], task, config["num_labels"],
+                                                         config["fallback"]["offline_model"])
+    lora = config["lora"]
+    targets = expand_target_modules(lora["target_modules"], model)
+    if model_provenance.get("fallback") and targets != "all" and not _targets_exist(model, targets):
+        # e.g. GPT-2's c_attn does not exist in the Llama-style fallback: use that architecture's default
+        log.warning(f"target_modules {targets} do not exist in the fallback model; using its default targets")
+        targets = None
+    try:
+        apply_lora_to_model(model, targets, lora["rank"], lora["alpha"], lora["dropout"], lora["init_B"], lora["scaling"])
+    except ValueError as e:  # a target that matches nothing: the message lists the names that exist
+        raise ConfigError(str(e)) from None
+    mark_only_lora_as_trainable(model, bias=lora["bias"])
+    train_set, eval_set, collate, data_provenance, label_map = build_datasets(config, tokenizer, splits)
+    if world_size > 1 and is_main:
+        dist.barrier()
+    if label_map:  # so inference can print names; -1/1 data becomes 0/1
+        model.config.id2label = {i: str(v) for v, i in label_map.items()}
+    if training["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.to(device).train()
+    provenance = {"model": model_provenance, "data": data_provenance}
+    counts = count_lora_parameters(model)
+
+    log.info(f"device: {device} ({machine_description(device)}), precision: {precision}, world size: {world_size}")
+    log.info(f"model: {model_provenance['used']} [{model_provenance['source']}]")
+    log.info(f"data: {data_provenance.get('dataset', data_provenance['source'])}: {len(train_set)} train / "
+             f"{len(eval_set)} eval examples [{data_provenance['source']}]")
+    log.info("parameters:\n" + format_parameter_table(counts))
+
+    def loader(examples, batch_size, shuffle):
+        return make_loader(examples, collate, batch_size, shuffle, training["group_by_length"], training["seed"],
+                           rank, world_size, training["num_workers"])
+    train_loader = loader(train_set, training["batch_size"], True)
+    eval_loader = loader(eval_set, training["eval_batch_size"], False)
+
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [{"params": [p for n, p in trainable if not n.endswith("bias")], "weight_decay": training["weight_decay"]},
+              {"params": [p for n, p in trainable if n.endswith("bias")], "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW(groups, lr=training["learning_rate"], fused=device.type == "cuda" or None)
+    accumulation = training["gradient_accumulation_steps"]
+    steps_per_epoch = math.ceil(len(train_loader) / accumulation)
+    total_steps = steps_per_epoch * training["num_epochs"]
+    if training["max_steps"]:
+        total_steps = min(total_steps, training["max_steps"])
+    from transformers import get_linear_schedule_with_warmup
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(training["warmup_ratio"] * total_steps), total_steps)
+    scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    metric = "accuracy" if task == "classification" else "perplexity"
+    higher_is_better = metric == "accuracy"
+
+    state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "epoch_sums": [0.0, 0.0, 0.0],
+             "history": {"train": [], "eval": []}, "epochs": [], "best": None, "train_time_s": 0.0}
+    if args.resume:
+        state = load_checkpoint(output_dir, model, optimizer, scheduler, scaler, config)
+        log.info(f"resumed from step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']})")
+    writer = None
+    if is_main:
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(config["logging_dir"] or os.path.join(output_dir, "logs"))
+    previous_handler = signal.signal(signal.SIGINT, request_stop) if is_main and world_size == 1 else None
+
+    def save_best(result):
+        value = result[metric]
+        best = state["best"]
+        if best is None or (value > best["value"] if higher_is_better else value < best["value"]):
+            state["best"] = {"metric_name": metric, "value": value, "step": state["step"], "epoch": state["epoch"] + 1}
+            if is_main:
+                save_adapter(model, output_dir, base_model_name_or_path=model_provenance["used"])
+                log.info(f"new best eval {metric} {value:.4f}: adapter saved to {output_dir}")
+
+    def run_eval():
+        result = evaluate(model, eval_loader, task, device, precision, world_size, is_main)
+        entry = {"step": state["step"], "epoch": state["epoch"] + 1, **result}
+        state["history"]["eval"].append(entry)
+        log.info(f"eval step {state['step']}: loss {result['loss']:.4f}, {metric} {result[metric]:.4f}")
+        if writer:
+            for k, v in result.items():
+                writer.add_scalar(f"eval/{k}", v, state["step"])
+        save_best(result)
+        return result
+
+    interrupted, epoch_start = False, time.time()
+    window = [0.0, 0.0, 0]  # loss sum, correct, items since the last log line
+    try:
+        while state["epoch"] < training["num_epochs"] and not (training["max_steps"] and state["step"] >= total_steps):
+            train_loader.batch_sampler.set_epoch(state["epoch"], skip_batches=state["batch_in_epoch"])
+            bar = tqdm(train_loader, desc=f"epoch {state['epoch'] + 1}/{training['num_epochs']}",
+                       disable=not is_main, initial=state["batch_in_epoch"],
+                       total=len(train_loader) + state["batch_in_epoch"], leave=False)
+            batches_in_epoch = len(train_loader) + state["batch_in_epoch"]
+            for batch in bar:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                state["batch_in_epoch"] += 1
+                last_micro = state["batch_in_epoch"] % accumulation == 0 or state["batch_in_epoch"] == batches_in_epoch
+                # DDP: all-reduce gradients only on the micro-batch that ends an accumulation
+                sync = ddp_model.no_sync() if world_size > 1 and not last_micro else nullcontext()
+                with sync:
+                    with autocast_context(precision, device):
+                        out = ddp_model(**batch)
+                    loss = out.loss
+                    if not torch.isfinite(loss):
+                        raise TrainingDiverged(f"loss became {loss.item()} at step {state['step'] + 1}")
+                    scaled = loss / accumulation
+                    (scaler.scale(scaled) if scaler else scaled).backward()
+                items = batch["labels"].shape[0]
+                window[0] += loss.item() * items
+                window[2] += items
+                state["epoch_sums"][0] += loss.item() * items
+                state["epoch_sums"][2] += items
+                if task == "classification":
+                    correct = (out.logits.argmax(-1) == batch["labels"]).sum().item()
+                    window[1] += correct
+                    state["epoch_sums"][1] += correct
+                if not last_micro:
+                    continue
+                if scaler:
+                    scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_([p for _, p in trainable], training["max_grad_norm"])
+                if scaler:
+                    scaler.step(optimizer)
+                    scaler.update()
+                else:
+                    optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                state["step"] += 1
+                if state["step"] % training["logging_steps"] == 0 or state["step"] == total_steps:
+                    entry = {"step": state["step"], "epoch": state["epoch"] + 1, "loss": window[0] / window[2],
+                             "lr": scheduler.get_last_lr()[0]}
+                    if task == "classification":
+                        entry["accuracy"] = window[1] / window[2]
+                    state["history"]["train"].append(entry)
+                    bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k in ("loss", "accuracy", "lr")})
+                    log.info(f"step {state['step']}/{total_steps} " +
+                             " ".join(f"{k} {v:.4g}" for k, v in entry.items() if k not in ("step",)))
+                    if writer:
+                        for k in ("loss", "accuracy", "lr"):
+                            if k in entry:
+                                writer.add_scalar(f"train/{k}", entry[k], state["step"])
+                    window = [0.0, 0.0, 0]
+                if training["eval_steps"] and state["step"] % training["eval_steps"] == 0:
+                    run_eval()
+                for callback in callbacks:
+                    callback(state)
+                if STOP_REQUESTED or (training["max_steps"] and state["step"] >= total_steps):
+                    break
+            if STOP_REQUESTED:
+                interrupted = True
+                break
+            # end of epoch (or of max_steps)
+            sums = state["epoch_sums"]
+            epoch_time = time.time() - epoch_start
+            state["train_time_s"] += epoch_time
+            result = run_eval()
+            summary = {"epoch": state["epoch"] + 1, "step": state["step"], "train_loss": sums[0] / max(sums[2], 1),
+                       **({"train_accuracy": sums[1] / max(sums[2], 1)} if task == "classification" else {}),
+                       **{f"eval_{k}": v for k, v in result.items()}, "time_s": round(epoch_time, 2)}
+            state["epochs"].append(summary)
+            log.info(f"epoch {state['epoch'] + 1} done: " + " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                         for k, v in summary.items() if k != "epoch"))
+            state.update(epoch=state["epoch"] + 1, batch_in_epoch=0, epoch_sums=[0.0, 0.0, 0.0])
+            epoch_start = time.time()
+            if is_main and state["epoch"] < training["num_epochs"]:
+                save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, config, provenance)
+    except TrainingDiverged as e:
+        if writer:
+            writer.close()
+        raise TrainingDiverged(f"{e}. Training stopped; the last good adapter (if any eval ran) is kept in "
+                               f"{output_dir}. Lower learning_rate or max_grad_norm, or use precision: fp32") from None
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGINT, previous_handler)
+
+    if interrupted:
+        state["train_time_s"] += time.time() - epoch_start
+        if is_main:
+            save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, config, provenance)
+            log.info(f"interrupted at step {state['step']}: checkpoint saved to {output_dir}/checkpoint; "
+                     f"continue with the same command plus --resume")
+        if writer:
+            writer.close()
+        return 130
+
+    if is_main:
+        finish(config, model, tokenizer, state, counts, provenance, precision, device, world_size, start)
+        writer.close()
+    return 0
+
+
+def finish(config, model, tokenizer, state, counts, provenance, precision, device, world_size, start):
+    """Write the final adapter, curves, metrics and the parameter/size/memory comparison."""
+    import shutil
+    output_dir = config["output_dir"]
+    save_adapter(model, os.path.join(output_dir, "final"), base_model_name_or_path=provenance["model"]["used"])
+    metric = state["best"]["metric_name"]
+    plot_training_curves(state["history"], os.path.join(output_dir, "training_curves.png"), metric)
+    adapter_bytes = os.path.getsize(os.path.join(output_dir, "adapter_model.safetensors"))
+    base_params = counts["total"] - counts["lora"]
+    full_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".lora." not in n)
+    peak = peak_memory_mb(device)
+    metrics = {
+        "best": state["best"], "epochs": state["epochs"], "history": state["history"],
+        "parameters": counts, "precision": precision, "device": str(device),
+        "machine": machine_description(device), "world_size": world_size,
+        "train_time_s": round(state["train_time_s"], 2), "wall_time_s": round(time.time() - start, 2),
+        "peak_memory_mb": round(peak, 1), "peak_memory_kind": "cuda max allocated" if device.type == "cuda"
+        else "process peak RSS", "adapter_bytes": adapter_bytes, "library_versions": library_versions(),
+        "provenance": provenance, "config": config,
+    }
+    write_json_atomic(os.path.join(output_dir, "training_metrics.json"), metrics)
+    comparison = "\n".join([
+        "LoRA vs full fine-tuning (measured in this run)",
+        "",
+        "Parameters",
+        f"  base model parameters          {base_params:>14,}",
+        f"  trainable with LoRA            {counts['trainable']:>14,}  ({counts['percentage']:.3f}% of total; "
+        f"LoRA {counts['lora']:,} + other {counts['trainable'] - counts['lora']:,})",
+        f"  trainable with full FT         {base_params:>14,}",
+        f"  reduction                      {base_params / counts['trainable']:>13.1f}x fewer trainable parameters",
+        "",
+        "Files",
+        f"  adapter_model.safetensors      {adapter_bytes / 2**20:>11.2f} MB",
+        f"  full model weights ({next(model.parameters()).dtype})".ljust(33) + f"{full_bytes / 2**20:>11.2f} MB"
+        f"  ({full_bytes / adapter_bytes:.0f}x the adapter)",
+        "",
+        "Memory",
+        f"  peak training memory           {peak:>11.0f} MB  ({metrics['peak_memory_kind']}, "
+        f"precision {precision}, batch {config['training']['batch_size']})",
+        "  full fine-tuning memory: run benchmarks/ (it is measured there, not guessed here)",
+        "",
+        f"Model: {provenance['model']['used']} [{provenance['model']['source']}]",
+        f"Data: {provenance['data'].get('dataset', '')} [{provenance['data']['source']}]",
+    ])
+    with open(os.path.join(output_dir, "model_comparison.txt"), "w") as f:
+        f.write(comparison + "\n")
+    if os.path.isdir(os.path.join(output_dir, "checkpoint")):
+        shutil.rmtree(os.path.join(output_dir, "checkpoint"))  # finished: the adapters above are the result
+    log.info(f"best eval {metric}: {state['best']['value']:.4f} (epoch {state['best']['epoch']}); "
+             f"training time {state['train_time_s']:.1f} s; peak memory {peak:.0f} MB")
+    log.info(f"outputs in {output_dir}: adapter_config.json, adapter_model.safetensors, final/, "
+             f"training_curves.png, training_metrics.json, training_log.txt, model_comparison.txt")
+
+
+# ----------------------------------------------------------------------------- sharing
+
+def push_to_hub(output_dir, hub_model_id, private, metrics_path):
+    """Upload the adapter folder with a generated model card."""
+    with open(metrics_path) as f:
+        metrics = json.load(f)
+    card = os.path.join(output_dir, "README.md")
+    config = metrics["config"]
+    with open(card, "w") as f:
+        f.write(f"---\nlibrary_name: peft\nbase_model: {metrics['provenance']['model']['used']}\ntags: [lora]\n---\n\n"
+                f"# {hub_model_id}\n\nA LoRA adapter (r={config['lora']['rank']}, alpha={config['lora']['alpha']}, "
+                f"targets {config['lora']['target_modules']}) trained with train_lora_basic.py.\n\n"
+                f"- base model: {metrics['provenance']['model']['used']} ({metrics['provenance']['model']['source']})\n"
+                f"- data: {metrics['provenance']['data'].get('dataset', '')} ({metrics['provenance']['data']['source']})\n"
+                f"- best eval {metrics['best']['metric_name']}: {metrics['best']['value']:.4f}\n"
+                f"- trainable parameters: {metrics['parameters']['trainable']:,}\n\n"
+                "Load it with PEFT: `PeftModel.from_pretrained(base_model, \"" + hub_model_id + "\")`.\n")
+    from huggingface_hub import HfApi
+    api = HfApi()
+    api.create_repo(hub_model_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=output_dir, repo_id=hub_model_id,
+                      allow_patterns=["adapter_config.json", "adapter_model.safetensors", "README.md",
+                                      "training_metrics.json", "training_curves.png"])
+    return f"https://huggingface.co/{hub_model_id}"
+
+
+def main(argv=None, callbacks=()):
+    global STOP_REQUESTED
+    STOP_REQUESTED = False
+    parser = build_arg_parser(__doc__.strip().splitlines()[0])
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args)
+        if args.push_to_hub and not args.hub_model_id:
+            raise ConfigError("--push_to_hub needs --hub_model_id user/name")
+        code = train(config, args, callbacks)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except TrainingDiverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    if code == 0 and args.push_to_hub and int(os.environ.get("RANK", "0")) == 0:
+        try:
+            url = push_to_hub(config["output_dir"], args.hub_model_id, args.hub_private,
+                              os.path.join(config["output_dir"], "training_metrics.json"))
+            print(f"pushed to {url}")
+        except Exception as e:  # no network, no token, no permission: results are already saved
+            print(f"error: push to the Hub failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                  f"the results are saved in {config['output_dir']}. Check network and `hf auth login`, then "
+                  f"upload that folder.", file=sys.stderr)
+            return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())
