@@ -9,6 +9,8 @@ max_length tokens, so no position is padding and the loss is a real language-mod
 (Padding each line to 512 and training on the pad tokens, as the seed did, makes "loss < 2.0" meaningless.)
 """
 
+import csv
+import json
 import math
 import os
 import random
@@ -46,9 +48,13 @@ def _read_local(path, text_column):
     if path.endswith(".txt"):  # one example per line
         with open(path, encoding="utf-8") as f:
             return [{text_column: line.rstrip("\n")} for line in f]
-    from datasets import load_dataset
-    kind = "csv" if path.endswith(".csv") else "json"
-    return load_dataset(kind, data_files=path, split="train").to_list()
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        if path.endswith(".csv"):
+            return list(csv.DictReader(f))
+        if path.endswith(".jsonl"):
+            return [json.loads(line) for line in f if line.strip()]
+        rows = json.load(f)  # a list of objects, or {"data": [...]}
+        return rows["data"] if isinstance(rows, dict) and "data" in rows else rows
 
 
 def _split(rows, fraction, seed):
