@@ -125,7 +125,9 @@ def tokenize_classification(rows, tokenizer, columns, max_length, label_map=None
     encoded = tokenizer([str(r[text]) for r in rows], [str(r[pair]) for r in rows] if pair else None,
                         truncation=True, max_length=max_length)
     labels = [r[label] for r in rows]
-    if label_map is None:  # ints stay ints (GLUE); strings or -1/1 become 0..n-1 in sorted order
+    if all(isinstance(v, str) and v.strip().lstrip("-").isdigit() for v in labels):  # csv cells: "0", "-1"
+        labels = [int(v) for v in labels]
+    if label_map is None:  # ints 0..n-1 stay as they are (GLUE); strings or -1/1 become 0..n-1 in sorted order
         values = sorted(set(labels))
         label_map = {v: v for v in values} if all(isinstance(v, int) and v >= 0 for v in values) else \
             {v: i for i, v in enumerate(values)}
@@ -228,4 +230,7 @@ def build_datasets(config, tokenizer, splits=None):
         evaluation = tokenize_causal_lm(eval_rows, tokenizer, columns[0], max_length)
         collate, label_map = collate_causal_lm, None
     provenance.update(train_examples=len(train), eval_examples=len(evaluation))
+    if label_map:
+        sentiment = provenance.get("dataset") in ("rotten_tomatoes", "glue/sst2") and len(label_map) == 2
+        provenance["label_names"] = ["negative", "positive"] if sentiment else [str(v) for v in label_map]
     return train, evaluation, collate, provenance, label_map

@@ -27,6 +27,7 @@ import math
 import os
 import re
 import warnings
+from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
@@ -120,11 +121,12 @@ class LinearWithLoRA(nn.Module):
         self.lora = LoRALayer(in_features, out_features, rank, alpha, dropout, init_B, scaling_mode,
                               device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
         self.merged = False
+        self.enabled = True  # False: the base layer alone (see lora_disabled)
 
     def forward(self, x):
         out = self.base_layer(x)
-        if self.merged:
-            return out  # B A already lives inside W0
+        if self.merged or not self.enabled:
+            return out  # merged: B A already lives inside W0
         return out + self.lora(x).to(out.dtype)
 
     def _delta_for_base(self):
@@ -287,6 +289,21 @@ def unmerge_lora_weights(model):
     for _, layer in lora_layers(model):
         layer.unmerge_weights()
     return model
+
+
+@contextmanager
+def lora_disabled(model):
+    """Run the base model alone inside this block (e.g. to compare with the adapter)."""
+    layers = [layer for _, layer in lora_layers(model)]
+    if any(layer.merged for layer in layers):
+        raise RuntimeError("LoRA weights are merged into the base; unmerge them before disabling LoRA")
+    for layer in layers:
+        layer.enabled = False
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.enabled = True
 
 
 def merge_and_unload(model):

@@ -240,7 +240,7 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
     if world_size > 1 and is_main:
         dist.barrier()
     if label_map:  # so inference can print names; -1/1 data becomes 0/1
-        model.config.id2label = {i: str(v) for v, i in label_map.items()}
+        model.config.id2label = dict(enumerate(data_provenance["label_names"]))
     if training["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device).train()
@@ -432,7 +432,7 @@ def finish(config, model, tokenizer, state, counts, provenance, precision, devic
         "train_time_s": round(state["train_time_s"], 2), "wall_time_s": round(time.time() - start, 2),
         "peak_memory_mb": round(peak, 1), "peak_memory_kind": "cuda max allocated" if device.type == "cuda"
         else "process peak RSS", "adapter_bytes": adapter_bytes, "library_versions": library_versions(),
-        "provenance": provenance, "config": config,
+        "label_names": provenance["data"].get("label_names"), "provenance": provenance, "config": config,
     }
     write_json_atomic(os.path.join(output_dir, "training_metrics.json"), metrics)
     comparison = "\n".join([

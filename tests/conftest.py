@@ -117,3 +117,18 @@ def tiny_assets(tmp_path_factory):
         (root / f"{split}.txt").write_text("\n".join(s for s, _ in toy_sentences(n * 4, seed)) + "\n\n")
         paths[f"{split}_txt"] = str(root / f"{split}.txt")
     return paths
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tiny_assets, tmp_path_factory):
+    """Adapters trained for a few steps on the tiny models: {'bert': dir, 'gpt2': dir}."""
+    import train_lora_basic
+    root = tmp_path_factory.mktemp("runs")
+    common = ["--max_length", "32", "--device", "cpu", "--max_steps", "6", "--lr", "1e-2"]
+    assert train_lora_basic.main(["--model", tiny_assets["bert"], "--train_file", tiny_assets["train_csv"],
+                                  "--validation_file", tiny_assets["validation_csv"],
+                                  "--output_dir", str(root / "bert"), *common]) == 0
+    assert train_lora_basic.main(["--model", tiny_assets["gpt2"], "--task", "causal_lm", "--target_modules", "c_attn",
+                                  "--train_file", tiny_assets["train_txt"], "--validation_file",
+                                  tiny_assets["validation_txt"], "--output_dir", str(root / "gpt2"), *common]) == 0
+    return {"bert": str(root / "bert"), "gpt2": str(root / "gpt2")}

@@ -9,7 +9,7 @@ import torch.nn as nn
 from conftest import BUILDERS, model_output, randomize_lora_B, tiny_bert, tiny_gpt2, tiny_llama
 
 from lora_linear import (AdapterError, LinearWithLoRA, LoRALayer, apply_lora_to_model, count_lora_parameters,
-                         get_lora_state_dict, load_adapter, load_lora_state_dict, lora_layers,
+                         get_lora_state_dict, load_adapter, load_lora_state_dict, lora_disabled, lora_layers,
                          mark_only_lora_as_trainable, merge_and_unload, merge_lora_weights, save_adapter,
                          unmerge_lora_weights)
 
@@ -336,3 +336,17 @@ def test_half_precision_base_keeps_fp32_lora(ids):
     layer = lora_layers(model)[0][1]
     assert layer.base_layer.weight.dtype == torch.bfloat16 and layer.lora.lora_A.dtype == torch.float32
     assert model_output(model, ids).dtype == torch.bfloat16
+
+
+def test_lora_disabled_runs_the_base_alone(ids):
+    reference = model_output(tiny_bert(), ids)
+    model = lora_model("bert")
+    randomize_lora_B(model)
+    adapted = model_output(model, ids)
+    with lora_disabled(model):
+        torch.testing.assert_close(model_output(model, ids), reference, rtol=0, atol=0)
+    torch.testing.assert_close(model_output(model, ids), adapted)
+    merge_lora_weights(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        with lora_disabled(model):
+            pass

@@ -1,0 +1,195 @@
+"""
+Use a trained LoRA adapter: classify sentences, or continue a prompt with a causal-LM adapter.
+
+    python inference_example.py                                   # interactive, adapter in output/
+    python inference_example.py --mode demo
+    python inference_example.py --mode text --text "This is amazing!"
+    python inference_example.py --mode text --text "..." --compare_base --merge
+    python inference_example.py --adapter_dir output_gpt2 --mode text --text "The history of" --max_new_tokens 40
+    python inference_example.py --adapters sst=output other=results/rank_4 --mode demo   # several adapters
+
+The base model named in adapter_config.json is resolved exactly as in training (local folder, Hub or its
+cache, or the same model shipped as a pip package), then the adapter is applied with load_adapter.
+"""
+
+import argparse
+import json
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from lora_linear import AdapterError, load_adapter, lora_disabled, merge_lora_weights, read_adapter_config
+from utils import ConfigError, load_base_model, pick_device
+
+DEMO_SENTENCES = [  # clearly positive, clearly negative, and mixed
+    ("positive", "A warm, funny and beautifully acted film that I would happily watch again."),
+    ("positive", "One of the most moving stories of the year, with a superb cast."),
+    ("negative", "A dull, lifeless mess with a plot that makes no sense."),
+    ("negative", "The jokes fall flat and the two hours feel like four."),
+    ("mixed", "The acting is wonderful, but the script is painfully thin."),
+    ("mixed", "Not a great movie, though it has a few charming moments."),
+]
+DEMO_PROMPTS = ["The history of the city", "In the morning, the committee", "Scientists have found that"]
+
+
+def read_label_names(adapter_dir, num_labels):
+    """Label names from the run's training_metrics.json, else negative/positive for two classes."""
+    for folder in (adapter_dir, os.path.dirname(os.path.abspath(adapter_dir))):
+        path = os.path.join(folder, "training_metrics.json")
+        if os.path.isfile(path):
+            try:
+                names = json.load(open(path)).get("label_names")
+                if names and len(names) == num_labels:
+                    return names
+            except (json.JSONDecodeError, OSError):
+                pass
+    return ["negative", "positive"] if num_labels == 2 else [f"label_{i}" for i in range(num_labels)]
+
+
+def num_labels_of(adapter_dir):
+    """The classification head's output size, read from the adapter's safetensors header."""
+    from safetensors import safe_open
+    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), "pt") as f:
+        for key in f.keys():
+            if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
+                return f.get_slice(key).get_shape()[0]
+    return 2
+
+
+def load_for_inference(adapter_dir, device, merge=False):
+    """(model, tokenizer, task, adapter_config): the shared base-model resolution, then load_adapter."""
+    if not os.path.isdir(adapter_dir):
+        raise AdapterError(f"adapter folder '{adapter_dir}' does not exist; train one first "
+                           f"(python train_lora_basic.py) or pass --adapter_dir")
+    config = read_adapter_config(adapter_dir)
+    task = "classification" if config.get("task_type") == "SEQ_CLS" else "causal_lm"
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise AdapterError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path")
+    try:
+        num_labels = num_labels_of(adapter_dir) if task == "classification" else 2
+    except Exception as e:
+        raise AdapterError(f"{adapter_dir}/adapter_model.safetensors is truncated or corrupt ({e})") from e
+    model, tokenizer, provenance = load_base_model(base, task, num_labels)
+    load_adapter(model, adapter_dir)
+    if merge:
+        merge_lora_weights(model)
+    model.to(device).eval()
+    print(f"base model: {provenance['used']} [{provenance['source']}]; adapter: {adapter_dir} "
+          f"(r={config['r']}, alpha={config['lora_alpha']}, {'merged' if merge else 'unmerged'})", file=sys.stderr)
+    return model, tokenizer, task, config
+
+
+class Predictor:
+    """One loaded adapter (and its base model) with the task's way of answering."""
+
+    def __init__(self, adapter_dir, device, args):
+        self.model, self.tokenizer, self.task, self.config = load_for_inference(adapter_dir, device, args.merge)
+        self.device, self.args = device, args
+        self.labels = read_label_names(adapter_dir, num_labels_of(adapter_dir)) if self.task == "classification" else None
+
+    def base_only(self):
+        """A context in which the model runs without the adapter (unmerged models only)."""
+        return lora_disabled(self.model)
+
+    @torch.no_grad()
+    def classify(self, texts):
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt").to(self.device)
+        probs = self.model(**batch).logits.float().softmax(-1)
+        return [(self.labels[i], p[i].item()) for p, i in zip(probs, probs.argmax(-1).tolist())]
+
+    @torch.no_grad()
+    def generate(self, prompt):
+        torch.manual_seed(self.args.seed)
+        batch = self.tokenizer(prompt, return_tensors="pt").to(self.device)
+        sample = self.args.temperature > 0
+        out = self.model.generate(**batch, max_new_tokens=self.args.max_new_tokens, do_sample=sample,
+                                  temperature=self.args.temperature if sample else None,
+                                  top_p=self.args.top_p if sample else None,
+                                  pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+    def answer(self, text):
+        """Printable lines for one input, with the base model's answer beside it if asked."""
+        runs = [("adapter", nullcontext())] + ([("no LoRA", self.base_only())] if self.args.compare_base else [])
+        lines = []
+        for name, context in runs:
+            with context:
+                if self.task == "classification":
+                    label, confidence = self.classify([text])[0]
+                    lines.append(f"  {name:<9}{label:<10} confidence {confidence:.3f}")
+                else:
+                    lines.append(f"  {name:<9}{text}|{self.generate(text)}")
+        return lines
+
+
+def run_demo(predictor):
+    if predictor.task == "classification":
+        results = predictor.classify([s for _, s in DEMO_SENTENCES])
+        base = None
+        if predictor.args.compare_base:
+            with predictor.base_only():
+                base = predictor.classify([s for _, s in DEMO_SENTENCES])
+        print(f"{'expected':<10}{'predicted':<11}{'conf':>6}  " + (f"{'no LoRA':<16}" if base else "") + "sentence")
+        for i, ((expected, sentence), (label, conf)) in enumerate(zip(DEMO_SENTENCES, results)):
+            extra = f"{base[i][0]:<9} {base[i][1]:.2f}  " if base else ""
+            print(f"{expected:<10}{label:<11}{conf:>6.3f}  {extra}{sentence}")
+    else:
+        for prompt in DEMO_PROMPTS:
+            print(f"> {prompt}")
+            print("\n".join(predictor.answer(prompt)))
+
+
+def run_interactive(predictor):
+    kind = "a sentence to classify" if predictor.task == "classification" else "a prompt to continue"
+    print(f"Type {kind}; 'quit', 'exit', Ctrl-D or Ctrl-C to leave.")
+    while True:
+        try:
+            text = input("> ").strip()
+        except (EOFError, KeyboardInterrupt):
+            print()
+            return
+        if text.lower() in ("quit", "exit"):
+            return
+        if not text:
+            print(f"  (empty input: type {kind}, or 'quit')")
+            continue
+        print("\n".join(predictor.answer(text)))
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Run a trained LoRA adapter.")
+    parser.add_argument("--mode", choices=("interactive", "demo", "text"), default="interactive")
+    parser.add_argument("--text", default=None, help="input for --mode text")
+    parser.add_argument("--adapter_dir", default="output")
+    parser.add_argument("--merge", action="store_true", help="fold B A into the base weights first")
+    parser.add_argument("--compare_base", action="store_true", help="also show the base model's answer")
+    parser.add_argument("--max_new_tokens", type=int, default=40)
+    parser.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
+    parser.add_argument("--top_p", type=float, default=0.95)
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args(argv)
+    try:
+        if args.mode == "text" and not args.text:
+            raise ConfigError("--mode text needs --text \"your sentence\"")
+        if args.merge and args.compare_base:
+            raise ConfigError("--compare_base needs the adapter unmerged; drop --merge")
+        predictor = Predictor(args.adapter_dir, pick_device(args.device), args)
+    except (ConfigError, AdapterError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.mode == "text":
+        print(f"> {args.text}")
+        print("\n".join(predictor.answer(args.text)))
+    elif args.mode == "demo":
+        run_demo(predictor)
+    else:
+        run_interactive(predictor)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
