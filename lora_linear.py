@@ -417,8 +417,8 @@ def read_adapter_config(adapter_dir):
     return config
 
 
-def load_adapter(model, adapter_dir):
-    """Apply the adapter in `adapter_dir` to `model` (a bare base model or one already LoRA-wrapped)."""
+def read_adapter(adapter_dir):
+    """(config, state): the checked config and the weights under this file's parameter names."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
     config = read_adapter_config(adapter_dir)
@@ -432,6 +432,12 @@ def load_adapter(model, adapter_dir):
         state = {_from_peft_key(k): v for k, v in load_file(weights).items()}
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterError(f"{weights} is truncated or corrupt ({e}); re-save or re-download it") from e
+    return config, state
+
+
+def load_adapter(model, adapter_dir):
+    """Apply the adapter in `adapter_dir` to `model` (a bare base model or one already LoRA-wrapped)."""
+    config, state = read_adapter(adapter_dir)
     if not lora_layers(model):
         apply_lora_to_model(model, config["target_modules"], config["r"], config["lora_alpha"],
                             config.get("lora_dropout") or 0.0,

@@ -1,0 +1,236 @@
+"""
+Many LoRA adapters on one base model: hot swap, and a different adapter for each row of a batch.
+
+One frozen base model serves every task; each adapter adds only its A and B matrices (and, for
+classification, its small head). In every adapted layer the adapters are stacked into one bank:
+
+    A: (n, r_max, in)   B: (n, out, r_max)   s: (n,)        slot 0 is "no adapter" (all zeros)
+
+    swap:        h = W0 x + s_i * B_i A_i x                    (choose i; nothing is copied)
+    mixed batch: h[b] = W0 x[b] + s_ids[b] * B_ids[b] A_ids[b] x[b]   for every row b at once:
+                 gather A and B per row, two batched matmuls - no Python loop over rows.
+
+This is the idea behind S-LoRA and Punica (serving thousands of adapters on one GPU), in plain PyTorch.
+Adapters of different rank share a bank by zero-padding to the largest rank (zeros add nothing).
+Merged weights cannot serve several adapters, so they are refused.
+"""
+
+from contextlib import contextmanager
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora_linear import AdapterError, LinearWithLoRA, find_target_modules, lora_layers, read_adapter
+
+
+class LoRABank(nn.Module):
+    """Stand-in for LinearWithLoRA.lora that holds every adapter's update for one layer."""
+
+    def __init__(self, in_features, out_features, device):
+        super().__init__()
+        self.register_buffer("A", torch.zeros(1, 1, in_features, device=device))
+        self.register_buffer("B", torch.zeros(1, out_features, 1, device=device))
+        self.register_buffer("scaling", torch.zeros(1, device=device))
+        self.active = 0        # slot used when no per-row choice is set
+        self.row_slots = None  # LongTensor (batch,) during a mixed batch
+
+    def add(self, A=None, B=None, scaling=0.0):
+        """Append a slot; A (r, in) and B (out, r), or zeros when the adapter skips this layer."""
+        n, rank, _ = self.A.shape
+        if A is not None and A.shape[0] > rank:  # widen every slot to the new largest rank
+            self.A = F.pad(self.A, (0, 0, 0, A.shape[0] - rank))
+            self.B = F.pad(self.B, (0, A.shape[0] - rank))
+        rank = self.A.shape[1]
+        new_A = torch.zeros(1, rank, self.A.shape[2], device=self.A.device)
+        new_B = torch.zeros(1, self.B.shape[1], rank, device=self.B.device)
+        if A is not None:
+            new_A[0, :A.shape[0]] = A
+            new_B[0, :, :B.shape[1]] = B
+        self.A = torch.cat([self.A, new_A])
+        self.B = torch.cat([self.B, new_B])
+        self.scaling = torch.cat([self.scaling, torch.tensor([float(scaling)], device=self.scaling.device)])
+
+    def remove(self, slot):
+        keep = [i for i in range(self.A.shape[0]) if i != slot]
+        self.A, self.B, self.scaling = self.A[keep], self.B[keep], self.scaling[keep]
+
+    def forward(self, x):
+        x = x.to(self.A.dtype)
+        if self.row_slots is None:
+            i = self.active
+            return F.linear(F.linear(x, self.A[i]), self.B[i]) * self.scaling[i]
+        slots = self.row_slots
+        flat = x.reshape(x.shape[0], -1, x.shape[-1])              # (batch, tokens, in)
+        h = torch.bmm(flat, self.A[slots].transpose(1, 2))          # (batch, tokens, r)
+        out = torch.bmm(h, self.B[slots].transpose(1, 2))           # (batch, tokens, out)
+        out = out * self.scaling[slots].view(-1, 1, 1)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+class HeadBank(nn.Module):
+    """Per-adapter classification heads (a Linear each); slot 0 is the base model's own head."""
+
+    def __init__(self, base_head):
+        super().__init__()
+        self.register_buffer("weight", base_head.weight.detach().clone().unsqueeze(0))
+        self.register_buffer("bias", (base_head.bias.detach().clone() if base_head.bias is not None
+                                      else torch.zeros(base_head.out_features)).unsqueeze(0))
+        self.active, self.row_slots = 0, None
+
+    def add(self, weight=None, bias=None):
+        self.weight = torch.cat([self.weight, (weight if weight is not None else self.weight[0]).unsqueeze(0)])
+        self.bias = torch.cat([self.bias, (bias if bias is not None else self.bias[0]).unsqueeze(0)])
+
+    def remove(self, slot):
+        keep = [i for i in range(self.weight.shape[0]) if i != slot]
+        self.weight, self.bias = self.weight[keep], self.bias[keep]
+
+    def forward(self, x):
+        if self.row_slots is None:
+            return F.linear(x, self.weight[self.active], self.bias[self.active])
+        slots = self.row_slots
+        return torch.einsum("b...h,blh->b...l", x, self.weight[slots].to(x.dtype)) + \
+            self.bias[slots].to(x.dtype).view(x.shape[0], *([1] * (x.dim() - 2)), -1)
+
+
+class MultiAdapterModel:
+    """A frozen base model plus named adapters. Call it like the model; choose with set_adapter / rows."""
+
+    def __init__(self, model):
+        if any(layer.merged for _, layer in lora_layers(model)):
+            raise RuntimeError("LoRA weights are merged into this model; several adapters need an unmerged base")
+        if lora_layers(model):
+            raise ValueError("give MultiAdapterModel a bare base model; it wraps the layers itself")
+        self.model = model.eval()
+        for p in model.parameters():
+            p.requires_grad = False
+        self.names = [None]  # slot 0: no adapter
+        self.banks = {}      # layer name -> LoRABank
+        self.heads = {}      # module name -> HeadBank
+
+    # ------------------------------------------------------------------ adapters
+    def load_adapter(self, name, adapter_dir):
+        """Load an adapter saved by this repo or by PEFT under `name`."""
+        if name in self.names:
+            raise ValueError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
+        config, state = read_adapter(adapter_dir)
+        scaling = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
+        targets = find_target_modules(self.model, config["target_modules"])
+        heads = [m for m in config.get("modules_to_save") or [] if isinstance(getattr(self.model, m, None), nn.Module)]
+        self._check_shapes(name, state, targets, heads)
+        for layer_name in targets:
+            if layer_name not in self.banks:
+                self._wrap(layer_name)
+        for head in heads:
+            if head not in self.heads:
+                self._wrap_head(head)
+        for layer_name, bank in self.banks.items():
+            A, B = state.get(f"{layer_name}.lora.lora_A"), state.get(f"{layer_name}.lora.lora_B")
+            bank.add(A, B, scaling if A is not None else 0.0)
+        for head_name, bank in self.heads.items():
+            bank.add(state.get(f"{head_name}.weight"), state.get(f"{head_name}.bias"))
+        self.names.append(name)
+        return self
+
+    def _check_shapes(self, name, state, targets, heads):
+        modules = dict(self.model.named_modules())
+        problems = []
+        for layer_name in targets:
+            layer = modules[layer_name]
+            base = layer.base_layer if isinstance(layer, LinearWithLoRA) else layer
+            w = base.weight.shape[::-1] if type(base).__name__ == "Conv1D" else base.weight.shape  # (out, in)
+            A, B = state.get(f"{layer_name}.lora.lora_A"), state.get(f"{layer_name}.lora.lora_B")
+            if A is None or B is None or A.shape[1] != w[1] or B.shape[0] != w[0]:
+                problems.append(layer_name)
+        for head in heads:
+            bank = self.heads.get(head)
+            weight = bank.weight[0] if bank is not None else modules[head].weight
+            if head + ".weight" in state and state[head + ".weight"].shape != weight.shape:
+                problems.append(head)
+        if problems:
+            raise AdapterError(f"adapter {name!r} does not fit this base model at {', '.join(problems[:4])}")
+
+    def _wrap(self, layer_name):
+        parent_name, _, child = layer_name.rpartition(".")
+        parent = self.model.get_submodule(parent_name)
+        wrapped = LinearWithLoRA(getattr(parent, child), rank=1)
+        bank = LoRABank(wrapped.lora.lora_A.shape[1], wrapped.lora.lora_B.shape[0], wrapped.lora.lora_A.device)
+        for _ in self.names[1:]:  # adapters loaded earlier do not touch this layer
+            bank.add()
+        wrapped.lora = bank
+        setattr(parent, child, wrapped)
+        self.banks[layer_name] = bank
+
+    def _wrap_head(self, head_name):
+        head = self.model.get_submodule(head_name)
+        if not isinstance(head, nn.Linear):
+            raise AdapterError(f"per-adapter heads must be one nn.Linear; {head_name} is {type(head).__name__}")
+        bank = HeadBank(head)
+        for _ in self.names[1:]:
+            bank.add()
+        setattr(self.model, head_name, bank)
+        self.heads[head_name] = bank
+
+    def delete_adapter(self, name):
+        slot = self._slot(name)
+        for bank in list(self.banks.values()) + list(self.heads.values()):
+            bank.remove(slot)
+            bank.active = 0 if bank.active == slot else bank.active - (bank.active > slot)
+        del self.names[slot]
+
+    @property
+    def adapters(self):
+        return self.names[1:]
+
+    def _slot(self, name):
+        if name is None:
+            return 0
+        if isinstance(name, int):
+            if not 0 <= name < len(self.names):
+                raise KeyError(f"adapter index {name} out of range 0..{len(self.names) - 1}")
+            return name
+        if name not in self.names:
+            raise KeyError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
+        return self.names.index(name)
+
+    def set_adapter(self, name):
+        """Hot swap: every later call uses adapter `name` (None: the base model alone)."""
+        slot = self._slot(name)
+        for bank in list(self.banks.values()) + list(self.heads.values()):
+            bank.active = slot
+        for layer in self._layers():
+            layer.enabled = slot != 0  # the base alone skips the LoRA path entirely
+
+    @contextmanager
+    def rows(self, names):
+        """Inside this block, row b of the batch uses adapter names[b] (a name, an index, or None)."""
+        slots = torch.tensor([self._slot(n) for n in names], device=self._device())
+        saved = [layer.enabled for layer in self._layers()]
+        for bank in list(self.banks.values()) + list(self.heads.values()):
+            bank.row_slots = slots
+        for layer in self._layers():
+            layer.enabled = True
+        try:
+            yield self
+        finally:
+            for bank in list(self.banks.values()) + list(self.heads.values()):
+                bank.row_slots = None
+            for layer, enabled in zip(self._layers(), saved):
+                layer.enabled = enabled
+
+    def _layers(self):
+        for _, layer in lora_layers(self.model):
+            if layer.merged:
+                raise RuntimeError("LoRA weights were merged; several adapters need an unmerged base")
+            yield layer
+
+    def _device(self):
+        return next(self.model.parameters()).device
+
+    def __call__(self, *args, **kwargs):
+        with torch.no_grad():
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        return self.model.generate(*args, **kwargs)
