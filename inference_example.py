@@ -16,7 +16,7 @@ import argparse
 import json
 import os
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -125,7 +125,79 @@ class Predictor:
         return lines
 
 
+class MultiPredictor(Predictor):
+    """Several adapters on one base model (multi_lora): 'name: text' picks one; demo mixes them in a batch."""
+
+    def __init__(self, named_dirs, device, args):
+        from multi_lora import MultiAdapterModel
+        configs = {name: read_adapter_config(folder) for name, folder in named_dirs.items()}
+        bases = {c.get("base_model_name_or_path") for c in configs.values()}
+        tasks = {c.get("task_type") for c in configs.values()}
+        if len(bases) != 1 or len(tasks) != 1:
+            raise ConfigError(f"--adapters must share one base model and task; got {sorted(map(str, bases))} "
+                              f"and {sorted(map(str, tasks))}")
+        first = next(iter(named_dirs.values()))
+        self.task = "classification" if tasks.pop() == "SEQ_CLS" else "causal_lm"
+        num_labels = num_labels_of(first) if self.task == "classification" else 2
+        model, self.tokenizer, provenance = load_base_model(bases.pop(), self.task, num_labels)
+        self.multi = MultiAdapterModel(model.to(device))
+        for name, folder in named_dirs.items():
+            self.multi.load_adapter(name, folder)
+        self.model, self.device, self.args = self.multi.model, device, args
+        self.labels = read_label_names(first, num_labels) if self.task == "classification" else None
+        self.multi.set_adapter(self.multi.adapters[0])
+        print(f"base model: {provenance['used']} [{provenance['source']}]; adapters: "
+              f"{', '.join(self.multi.adapters)} (type 'name: text' to choose; default {self.multi.adapters[0]})",
+              file=sys.stderr)
+
+    @contextmanager
+    def base_only(self):
+        active = self.multi.names[next(iter(self.multi.banks.values())).active]
+        self.multi.set_adapter(None)
+        try:
+            yield
+        finally:
+            self.multi.set_adapter(active)
+
+    def answer(self, text):
+        name, sep, rest = text.partition(":")
+        if sep and name.strip() in self.multi.adapters:
+            self.multi.set_adapter(name.strip())
+            text = rest.strip()
+        elif sep and name.strip() == "base":
+            with self.base_only():
+                return [f"  (base)   {line.strip()}" for line in super().answer(rest.strip())]
+        active = self.multi.names[next(iter(self.multi.banks.values())).active]
+        return [f"  ({'base' if 'no LoRA' in line else active}) {line.strip().replace('no LoRA', 'base model')}"
+                for line in super().answer(text)]
+
+    def demo(self):
+        """One forward pass over a mixed batch: row i uses adapter i mod n (and the base model last)."""
+        names = self.multi.adapters + [None]
+        if self.task == "classification":
+            texts = [s for _, s in DEMO_SENTENCES]
+            choice = [names[i % len(names)] for i in range(len(texts))]
+            with self.multi.rows(choice):
+                results = self.classify(texts)
+            print(f"{'adapter':<10}{'predicted':<11}{'conf':>6}  sentence   (one mixed batch)")
+            for name, text, (label, conf) in zip(choice, texts, results):
+                print(f"{name or 'base':<10}{label:<11}{conf:>6.3f}  {text}")
+        else:
+            self.tokenizer.padding_side = "left"  # generation continues from the right edge
+            choice = [names[i % len(names)] for i in range(len(DEMO_PROMPTS))]
+            batch = self.tokenizer(DEMO_PROMPTS, return_tensors="pt", padding=True).to(self.device)
+            torch.manual_seed(self.args.seed)
+            with self.multi.rows(choice), torch.no_grad():
+                out = self.model.generate(**batch, max_new_tokens=self.args.max_new_tokens, do_sample=False,
+                                          pad_token_id=self.tokenizer.pad_token_id)
+            for name, prompt, row in zip(choice, DEMO_PROMPTS, out):
+                completion = self.tokenizer.decode(row[batch["input_ids"].shape[1]:], skip_special_tokens=True)
+                print(f"({name or 'base'}) {prompt}|{completion}")
+
+
 def run_demo(predictor):
+    if isinstance(predictor, MultiPredictor):
+        return predictor.demo()
     if predictor.task == "classification":
         results = predictor.classify([s for _, s in DEMO_SENTENCES])
         base = None
@@ -171,13 +243,26 @@ def main(argv=None):
     parser.add_argument("--top_p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--adapters", nargs="+", metavar="NAME=DIR", default=None,
+                        help="serve several adapters of one base model at once (multi_lora)")
     args = parser.parse_args(argv)
     try:
         if args.mode == "text" and not args.text:
             raise ConfigError("--mode text needs --text \"your sentence\"")
         if args.merge and args.compare_base:
             raise ConfigError("--compare_base needs the adapter unmerged; drop --merge")
-        predictor = Predictor(args.adapter_dir, pick_device(args.device), args)
+        if args.adapters:
+            named = dict(pair.split("=", 1) for pair in args.adapters if "=" in pair)
+            if len(named) != len(args.adapters):
+                raise ConfigError("--adapters takes NAME=DIR pairs, e.g. --adapters sst=output lm=output_gpt2")
+            if args.merge:
+                raise ConfigError("--merge cannot serve several adapters; drop --merge")
+            for folder in named.values():
+                if not os.path.isdir(folder):
+                    raise AdapterError(f"adapter folder '{folder}' does not exist")
+            predictor = MultiPredictor(named, pick_device(args.device), args)
+        else:
+            predictor = Predictor(args.adapter_dir, pick_device(args.device), args)
     except (ConfigError, AdapterError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

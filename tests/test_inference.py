@@ -86,3 +86,22 @@ def test_bad_adapters_exit_2_with_one_line(tiny_runs, tiny_assets, tmp_path, cap
     data = (corrupt / "adapter_model.safetensors").read_bytes()
     (corrupt / "adapter_model.safetensors").write_bytes(data[:100])
     fails(corrupt, "truncated or corrupt")
+
+
+def test_several_adapters_serve_a_mixed_batch_and_per_input_choice(tiny_runs, tmp_path, capsys):
+    other = tmp_path / "other"
+    shutil.copytree(tiny_runs["bert"], other, ignore=shutil.ignore_patterns("final", "logs"))
+    code, out, _ = run(["--adapters", f"one={tiny_runs['bert']}", f"two={other}", "--mode", "demo",
+                        "--device", "cpu"], capsys)
+    assert code == 0 and "one mixed batch" in out
+    rows = out.splitlines()[1:]
+    assert [r.split()[0] for r in rows] == ["one", "two", "base", "one", "two", "base"]
+    # the same adapter under two names answers identically
+    assert rows[0].split()[1:3] == run(["--adapter_dir", tiny_runs["bert"], "--mode", "demo", "--device", "cpu"],
+                                       capsys)[1].splitlines()[1].split()[1:3]
+    code, out, _ = run(["--adapters", f"one={tiny_runs['bert']}", f"two={other}", "--mode", "text",
+                        "--text", "two: dull plot", "--device", "cpu"], capsys)
+    assert code == 0 and "(two) adapter" in out
+    code, _, err = run(["--adapters", f"one={tiny_runs['bert']}", f"lm={tiny_runs['gpt2']}", "--mode", "demo",
+                        "--device", "cpu"], capsys)
+    assert code == 2 and "must share one base model" in err
