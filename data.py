@@ -224,7 +224,9 @@ def build_datasets(config, tokenizer, splits=None):
             raise ConfigError(f"the data has {len(label_map)} labels {list(label_map)[:10]} but num_labels is "
                               f"{config['num_labels']}; set num_labels: {len(label_map)}")
         evaluation, _ = tokenize_classification(eval_rows, tokenizer, columns, max_length, label_map)
-        collate = DataCollatorWithPadding(tokenizer)
+        # pad_to_max_length reproduces the seed course (every batch max_length long) for comparison
+        collate = DataCollatorWithPadding(tokenizer, padding="max_length" if config["training"]["pad_to_max_length"]
+                                          else "longest", max_length=max_length)
     else:
         train = tokenize_causal_lm(train_rows, tokenizer, columns[0], max_length)
         evaluation = tokenize_causal_lm(eval_rows, tokenizer, columns[0], max_length)

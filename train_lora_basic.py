@@ -248,6 +248,10 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
     counts = count_lora_parameters(model)
 
     log.info(f"device: {device} ({machine_description(device)}), precision: {precision}, world size: {world_size}")
+    for kind, p in provenance.items():  # the banner went to the console; the log keeps it too
+        if p.get("fallback"):
+            log.warning(f"OFFLINE FALLBACK ({kind}): requested {p['requested']}, used {p.get('used', p.get('dataset'))}; "
+                        f"why: {p['reason']}")
     log.info(f"model: {model_provenance['used']} [{model_provenance['source']}]")
     log.info(f"data: {data_provenance.get('dataset', data_provenance['source'])}: {len(train_set)} train / "
              f"{len(eval_set)} eval examples [{data_provenance['source']}]")

@@ -36,7 +36,7 @@ DEFAULT_CONFIG = {
         "max_length": 128, "warmup_ratio": 0.1, "weight_decay": 0.01, "gradient_accumulation_steps": 1,
         "max_grad_norm": 1.0, "precision": "auto", "fp16": False, "bf16": False,
         "gradient_checkpointing": False, "seed": 42, "logging_steps": 10, "eval_steps": 0,
-        "max_steps": 0, "group_by_length": True, "num_workers": 0,
+        "max_steps": 0, "group_by_length": True, "pad_to_max_length": False, "num_workers": 0,
     },
     "data": {
         "dataset_name": "glue", "dataset_config": "sst2", "train_split": "train",
@@ -64,7 +64,7 @@ OPTIONAL_POSITIVE_INT = {"max_train_samples", "max_eval_samples"}
 POSITIVE_FLOAT = {"alpha", "learning_rate", "max_grad_norm"}
 FLOAT_RANGES = {"dropout": (0.0, 1.0, "[0, 1)"), "warmup_ratio": (0.0, 1.0 + 1e-12, "[0, 1]"),
                 "validation_fraction": (1e-9, 1.0, "(0, 1)"), "weight_decay": (0.0, float("inf"), ">= 0")}
-BOOLS = {"fp16", "bf16", "gradient_checkpointing", "group_by_length"}
+BOOLS = {"fp16", "bf16", "gradient_checkpointing", "group_by_length", "pad_to_max_length"}
 # The seed course's flag spellings.
 ALIASES = {"model": "model_name", "epochs": "num_epochs", "lr": "learning_rate", "output": "output_dir"}
 # q/k/v/o shorthands for --target_modules; GPT-2 fuses q, k and v into c_attn.

