@@ -2,7 +2,7 @@
 Speed and memory of this repo's LoRA against what users would pick instead. One command:
 
     python benchmarks/bench.py                 # everything below, then a table (several minutes on 2 cores)
-    python benchmarks/bench.py --only step     # one section: step | inference | memory | padding | multi | e2e
+    python benchmarks/bench.py --only step     # one section: step inference memory padding multi e2e profile
     python benchmarks/bench.py --quick         # tiny model, a smoke test (used by the tests)
 
 Contenders run side by side in one process, alternating, after warm-up; each number is a median.
@@ -104,13 +104,19 @@ def section_step(args, device):
         print("  (peft not installed: skipping the PEFT contender)")
     full = bert_base(args.quick, device).train()
     contenders["full fine-tuning (fp32)"] = make_step(full, batch, "fp32", device)
-    if device.type == "cpu" and auto == "fp32" and not args.quick:
-        # Show why auto stays fp32 here: bf16 without native support is emulated.
-        contenders["this repo LoRA, bf16 forced (no native bf16)"] = make_step(ours, batch, "bf16", device)
     medians = timed_rounds(contenders, args.rounds, 2, device)
     base = medians["floor: all frozen, grads through every layer"]
     for name, t in medians.items():
         record("step", name, t * 1000, "ms", f"{t / base:.2f}x floor")
+    if device.type == "cpu" and auto == "fp32":
+        # Why auto stays fp32 here: without native bf16 a bf16 matrix product is emulated. One bert-base
+        # sized product (1024 x 768 @ 768 x 768) shows it; a whole bf16 step would take minutes.
+        x, w = torch.randn(1024, 768), torch.randn(768, 768)
+        xb, wb = x.bfloat16(), w.bfloat16()
+        mm = timed_rounds({"fp32": lambda: x @ w, "bf16": lambda: xb @ wb}, 5 if not args.quick else 1, 1, device)
+        record("step", "one 1024x768x768 matmul, fp32", mm["fp32"] * 1000, "ms", "1.00x")
+        record("step", "one 1024x768x768 matmul, bf16 (emulated here)", mm["bf16"] * 1000, "ms",
+               f"{mm['bf16'] / mm['fp32']:.1f}x fp32")
     return medians
 
 
@@ -157,17 +163,35 @@ if mode == "lora+checkpointing":
 B, S = {shape}
 batch = {{"input_ids": torch.randint(0, model.config.vocab_size, (B, S), device=device),
           "labels": torch.randint(0, 2, (B,), device=device)}}
+step = make_step(model, batch, "fp32", device)
 if device.type == "cuda":
     torch.cuda.reset_peak_memory_stats()
-step = make_step(model, batch, "fp32", device)
-for _ in range(3):
-    step()
-print(json.dumps({{"peak_mb": peak_memory_mb(device)}}))
+    for _ in range(3):
+        step()
+    print(json.dumps({{"peak_mb": peak_memory_mb(device)}}))
+else:
+    # Building the model leaves freed temporaries in the allocator's pools, which would hide the training
+    # peak in ru_maxrss: return them to the OS, then sample RSS while the steps run.
+    import ctypes, gc, threading, time, psutil
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    process, peak, done = psutil.Process(), [0], threading.Event()
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.002)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    for _ in range(2):  # the second step already holds the optimizer state
+        step()
+    done.set()
+    sampler.join()
+    print(json.dumps({{"peak_mb": peak[0] / 2**20}}))
 """
 
 
 def section_memory(args, device):
-    print("peak training memory (separate processes; bert-base dims, fp32)")
+    print("peak training memory (separate processes; bert-base dims, fp32; CPU: peak RSS sampled during 2 steps)")
     results = {}
     shapes = [(8, 128), (32, 128)] if not args.quick else [(2, 16)]
     for shape in shapes:
@@ -223,12 +247,18 @@ def section_padding(args, device):
 
 
 def section_multi(args, device):
-    """32 rows over 4 adapters: one mixed batch vs 4 swapped sub-batches vs merge/unmerge per sub-batch."""
-    print("multi-adapter serving (bert-base dims, 32 rows over 4 adapters, seq 32, no grad)")
+    for seq in ((32, 1) if not args.quick else (8,)):
+        _multi(args, device, seq)
+
+
+def _multi(args, device, seq):
+    """32 rows over 4 adapters: one mixed batch vs 4 swapped sub-batches vs merge/unmerge per sub-batch.
+    seq 32 is a sentence; seq 1 is one decoding step of generation, where serving spends its time."""
+    print(f"multi-adapter serving (bert-base dims, 32 rows over 4 adapters, seq {seq}, no grad)")
     from multi_lora import MultiAdapterModel
     import tempfile
     from lora_linear import save_adapter, merge_lora_weights, unmerge_lora_weights, load_adapter
-    S, rows = (32, 32) if not args.quick else (8, 8)
+    S, rows = (seq, 32) if not args.quick else (seq, 8)
     vocab = 30522 if not args.quick else 1000
     tmp = tempfile.mkdtemp()
     for i in range(4):
@@ -263,9 +293,9 @@ def section_multi(args, device):
             unmerge_lora_weights(single)
     medians = timed_rounds({"one mixed batch (multi_lora)": mixed, "4 sub-batches, hot swap": sequential,
                             "4 sub-batches, merge/unmerge each": merge_per_request}, args.rounds * 2, 2, device)
-    seq = medians["4 sub-batches, hot swap"]
+    sequential_time = medians["4 sub-batches, hot swap"]
     for name, t in medians.items():
-        record("multi", name, rows / t, "rows/s", f"{seq / t:.2f}x sequential")
+        record("multi", f"seq {S}: {name}", rows / t, "rows/s", f"{sequential_time / t:.2f}x sequential")
     return medians
 
 
@@ -297,8 +327,31 @@ def section_e2e(args, device):
     return results
 
 
+def section_profile(args, device):
+    """Where one MiniLM LoRA training step spends its time (batch 16 x 28 tokens, the bundled sentences' size)."""
+    print("profile (MiniLM, LoRA r=8 q,v, batch 16 x 28 tokens, 5 steps)")
+    import assets
+    from torch.profiler import ProfilerActivity, profile
+    from transformers import AutoModelForSequenceClassification
+    model = AutoModelForSequenceClassification.from_pretrained(assets.model_dir("minilm"), num_labels=2).to(device)
+    mark_only_lora_as_trainable(apply_lora_to_model(model.train(), ["query", "value"], rank=8, alpha=16))
+    batch = {"input_ids": torch.randint(1000, 2000, (16, 28), device=device),
+             "labels": torch.randint(0, 2, (16,), device=device)}
+    step = make_step(model, batch, "fp32", device)
+    for _ in range(3):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(5):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    for event in events[:6]:
+        record("profile", event.key, 100 * event.self_cpu_time_total / total, "% self CPU")
+    return events
+
+
 SECTIONS = {"step": section_step, "inference": section_inference, "memory": section_memory,
-            "padding": section_padding, "multi": section_multi, "e2e": section_e2e}
+            "padding": section_padding, "multi": section_multi, "e2e": section_e2e, "profile": section_profile}
 
 
 def main(argv=None):

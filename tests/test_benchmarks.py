@@ -14,5 +14,5 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path):
     rows = json.loads(out.read_text())["rows"]
     names = {(r["section"], r["contender"]) for r in rows}
     assert ("step", "this repo LoRA r=8 q,v (fp32)") in names and ("step", "full fine-tuning (fp32)") in names
-    assert ("inference", "LoRA merged") in names and ("multi", "one mixed batch (multi_lora)") in names
+    assert ("inference", "LoRA merged") in names and ("multi", "seq 8: one mixed batch (multi_lora)") in names
     assert all(r["value"] > 0 for r in rows)
