@@ -47,7 +47,7 @@ BIAS_MODES = ("none", "all", "lora_only")
 HEAD_NAMES = ("classifier", "score")  # sequence-classification heads: new and random, so they must train
 DEFAULT_TARGETS = {  # the paper adapts W_q and W_v (Section 7.1)
     "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"], "vit": ["query", "value"], "distilbert": ["q_lin", "v_lin"],
+    "electra": ["query", "value"], "vit": ["q_proj", "v_proj"], "distilbert": ["q_lin", "v_lin"],
     "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
     "qwen2": ["q_proj", "v_proj"],
 }

@@ -201,7 +201,7 @@ def load_checkpoint(output_dir, model, optimizer, scheduler, scaler, config):
 def train(config, args, callbacks=()):
     rank, world_size, device = setup_distributed(config)
     is_main = rank == 0
-    output_dir, training = config["output_dir"], config["training"]
+    output_dir = config["output_dir"]
     lock = claim_output_dir(output_dir, args.resume, args.overwrite_output_dir) if is_main else None
     try:
         return _train(config, args, callbacks, rank, world_size, device, is_main)

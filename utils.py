@@ -12,7 +12,6 @@ import platform
 import random
 import socket
 import sys
-import time
 from contextlib import nullcontext
 from urllib.parse import urlparse
 

@@ -81,7 +81,7 @@ def section_step(args, device):
     batch = {"input_ids": torch.randint(0, vocab, (B, S), device=device),
              "labels": torch.randint(0, 2, (B,), device=device)}
     auto = resolve_precision("auto", device)
-    contenders, models = {}, {}
+    contenders = {}
 
     floor = bert_base(args.quick, device).train()
     for p in floor.parameters():

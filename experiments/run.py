@@ -157,7 +157,7 @@ def q12_vit(args):
     from lora_linear import apply_lora_to_model, count_lora_parameters, lora_layers, mark_only_lora_as_trainable
     with torch.device("meta"):
         model = ViTForImageClassification(ViTConfig(num_labels=10))  # ViT-B/16 dimensions
-    apply_lora_to_model(model, None, rank=8, alpha=16)  # default for ViT: query, value
+    apply_lora_to_model(model, None, rank=8, alpha=16)  # default for ViT: q_proj, v_proj (transformers 5 names)
     mark_only_lora_as_trainable(model)
     counts = count_lora_parameters(model)
     save("q12_vit", {"config": "ViT-B/16 dimensions, 10 classes, random weights (no pretrained ViT offline)",

@@ -1,12 +1,10 @@
 """inference_example.py on adapters trained for a few steps on tiny models."""
-import io
 import json
 import os
 import shutil
 import subprocess
 import sys
 
-import pytest
 
 import inference_example
 

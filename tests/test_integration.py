@@ -1,12 +1,11 @@
 """Integration: the real offline assets (fetched with pip once, sha256-checked, cached)."""
 import json
-import os
 
 import pytest
 import torch
 
 import train_lora_basic
-from lora_linear import apply_lora_to_model, count_lora_parameters, load_adapter, lora_layers
+from lora_linear import apply_lora_to_model, count_lora_parameters, lora_layers
 
 pytestmark = pytest.mark.integration
 

@@ -350,3 +350,18 @@ def test_lora_disabled_runs_the_base_alone(ids):
     with pytest.raises(RuntimeError, match="unmerge"):
         with lora_disabled(model):
             pass
+
+
+def test_vision_transformer_default_targets():
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                                              num_attention_heads=4, intermediate_size=64, num_labels=3)).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        reference = vit(pixel_values=pixels).logits
+    mark_only_lora_as_trainable(apply_lora_to_model(vit))
+    assert sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(vit)}) == ["q_proj", "v_proj"]
+    assert count_lora_parameters(vit)["lora"] == 2 * 2 * 8 * (32 + 32)
+    with torch.no_grad():
+        torch.testing.assert_close(vit(pixel_values=pixels).logits, reference, rtol=0, atol=0)

@@ -1,8 +1,4 @@
 """test_installation.py and `utils.py compare_ranks`."""
-import json
-import os
-import shutil
-
 import test_installation
 import train_lora_basic
 import utils

@@ -169,7 +169,7 @@ def test_push_to_hub_without_network_fails_clearly_after_saving(tiny_assets, tmp
 
 def test_two_process_ddp_on_cpu(tiny_assets, tmp_path):
     out = tmp_path / "ddp"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "train_lora_basic.py", *bert_args(tiny_assets, out, "--epochs", "1")]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
@@ -178,3 +178,19 @@ def test_two_process_ddp_on_cpu(tiny_assets, tmp_path):
     assert metrics["world_size"] == 2
     assert metrics["epochs"][0]["step"] == 192 // 16 // 2  # each rank took half of the batches
     assert 0.0 <= metrics["best"]["value"] <= 1.0
+
+
+def test_bf16_autocast_accumulation_and_checkpointing_paths(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    assert train_lora_basic.main(bert_args(tiny_assets, out, "--epochs", "1", "--precision", "bf16",
+                                           "--gradient_accumulation_steps", "4", "--gradient_checkpointing")) == 0
+    metrics = metrics_of(out)
+    assert metrics["precision"] == "bf16"
+    assert metrics["epochs"][0]["step"] == 12 // 4  # 12 batches, one optimizer step per 4
+    from safetensors.torch import load_file
+    assert all(t.dtype == torch.float32 for t in load_file(out / "adapter_model.safetensors").values())
+
+
+def test_fp16_on_cpu_is_refused_before_training(tiny_assets, tmp_path, capsys):
+    assert train_lora_basic.main(bert_args(tiny_assets, tmp_path / "run", "--fp16")) == 2
+    assert "fp16 autocast needs a GPU" in capsys.readouterr().err
