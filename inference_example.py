@@ -88,7 +88,8 @@ class Predictor:
     def __init__(self, adapter_dir, device, args):
         self.model, self.tokenizer, self.task, self.config = load_for_inference(adapter_dir, device, args.merge)
         self.device, self.args = device, args
-        self.labels = read_label_names(adapter_dir, num_labels_of(adapter_dir)) if self.task == "classification" else None
+        self.labels = read_label_names(adapter_dir, self.model.config.num_labels) if self.task == "classification" \
+            else None
 
     def base_only(self):
         """A context in which the model runs without the adapter (unmerged models only)."""
@@ -152,7 +153,7 @@ class MultiPredictor(Predictor):
 
     @contextmanager
     def base_only(self):
-        active = self.multi.names[next(iter(self.multi.banks.values())).active]
+        active = self.multi.active_adapter
         self.multi.set_adapter(None)
         try:
             yield
@@ -167,7 +168,7 @@ class MultiPredictor(Predictor):
         elif sep and name.strip() == "base":
             with self.base_only():
                 return [f"  (base)   {line.strip()}" for line in super().answer(rest.strip())]
-        active = self.multi.names[next(iter(self.multi.banks.values())).active]
+        active = self.multi.active_adapter
         return [f"  ({'base' if 'no LoRA' in line else active}) {line.strip().replace('no LoRA', 'base model')}"
                 for line in super().answer(text)]
 

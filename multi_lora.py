@@ -172,9 +172,17 @@ class MultiAdapterModel:
         setattr(self.model, head_name, bank)
         self.heads[head_name] = bank
 
+    def _all_banks(self):
+        return list(self.banks.values()) + list(self.heads.values())
+
+    @property
+    def active_adapter(self):
+        """The adapter set_adapter chose (None: the base alone)."""
+        return self.names[self._all_banks()[0].active] if self._all_banks() else None
+
     def delete_adapter(self, name):
         slot = self._slot(name)
-        for bank in list(self.banks.values()) + list(self.heads.values()):
+        for bank in self._all_banks():
             bank.remove(slot)
             bank.active = 0 if bank.active == slot else bank.active - (bank.active > slot)
         del self.names[slot]
@@ -197,7 +205,7 @@ class MultiAdapterModel:
     def set_adapter(self, name):
         """Hot swap: every later call uses adapter `name` (None: the base model alone)."""
         slot = self._slot(name)
-        for bank in list(self.banks.values()) + list(self.heads.values()):
+        for bank in self._all_banks():
             bank.active = slot
         for layer in self._layers():
             layer.enabled = slot != 0  # the base alone skips the LoRA path entirely
@@ -207,14 +215,14 @@ class MultiAdapterModel:
         """Inside this block, row b of the batch uses adapter names[b] (a name, an index, or None)."""
         slots = torch.tensor([self._slot(n) for n in names], device=self._device())
         saved = [layer.enabled for layer in self._layers()]
-        for bank in list(self.banks.values()) + list(self.heads.values()):
+        for bank in self._all_banks():
             bank.row_slots = slots
         for layer in self._layers():
             layer.enabled = True
         try:
             yield self
         finally:
-            for bank in list(self.banks.values()) + list(self.heads.values()):
+            for bank in self._all_banks():
                 bank.row_slots = None
             for layer, enabled in zip(self._layers(), saved):
                 layer.enabled = enabled

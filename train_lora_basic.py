@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -169,7 +170,6 @@ def save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, conf
         os.replace(final, old)
     os.replace(staging, final)
     if os.path.isdir(old):
-        import shutil
         shutil.rmtree(old)
 
 
@@ -420,7 +420,6 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
 
 def finish(config, model, tokenizer, state, counts, provenance, precision, device, world_size, start):
     """Write the final adapter, curves, metrics and the parameter/size/memory comparison."""
-    import shutil
     output_dir = config["output_dir"]
     save_adapter(model, os.path.join(output_dir, "final"), base_model_name_or_path=provenance["model"]["used"])
     metric = state["best"]["metric_name"]
