@@ -5,6 +5,7 @@ Experiments behind discussion.md. One subcommand per question; each writes exper
     python experiments/run.py q1_spectrum --adapter_dir expected_output     # singular values of B A
     python experiments/run.py q2_rank                                        # ranks 1..64 (small budget)
     python experiments/run.py q3_init_B                                      # zeros vs Kaiming B
+    python experiments/run.py q5_scaling                                     # alpha/r vs none vs rsLoRA
     python experiments/run.py q6_merge_precision --adapter_dir expected_output
     python experiments/run.py q12_vit                                        # where LoRA goes in a ViT
 
@@ -131,6 +132,21 @@ def q3_init_B(args):
                        "budget": " ".join(BUDGET), "seeds": args.seeds})
 
 
+def q5_scaling(args):
+    """alpha/r against no scaling and rsLoRA (alpha/sqrt(r)), at a small and a large rank, alpha fixed at 16."""
+    rows = []
+    for rank in (8, 64):
+        for scaling in ("standard", "none", "rslora"):
+            s = {"standard": 16 / rank, "none": 1.0, "rslora": 16 / rank ** 0.5}[scaling]
+            metrics = [train(["--rank", str(rank), "--alpha", "16", "--scaling", scaling], seed) for seed in args.seeds]
+            acc, std = mean_std([m["best"]["value"] for m in metrics])
+            rows.append({"rank": rank, "scaling": scaling, "s": round(s, 3), "accuracy_mean": round(acc, 4),
+                         "accuracy_std": round(std, 4),
+                         "eval_loss_per_epoch": [[round(e["eval_loss"], 4) for e in m["epochs"]] for m in metrics]})
+            print(rows[-1], flush=True)
+    save("q5_scaling", {"budget": " ".join(BUDGET), "alpha": 16, "seeds": args.seeds, "rows": rows})
+
+
 def q6_merge_precision(args):
     """Largest logit difference between merged and unmerged models, in fp32 and in bf16."""
     import assets
@@ -165,7 +181,7 @@ def q12_vit(args):
                      "wrapped_layers": len(lora_layers(model)), **counts})
 
 
-COMMANDS = {f.__name__: f for f in (q1_spectrum, q2_rank, q3_init_B, q6_merge_precision, q12_vit)}
+COMMANDS = {f.__name__: f for f in (q1_spectrum, q2_rank, q3_init_B, q5_scaling, q6_merge_precision, q12_vit)}
 
 
 def main():
