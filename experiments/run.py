@@ -5,6 +5,7 @@ Experiments behind discussion.md. One subcommand per question; each writes exper
     python experiments/run.py q1_spectrum --adapter_dir expected_output     # singular values of B A
     python experiments/run.py q2_rank                                        # ranks 1..64 (small budget)
     python experiments/run.py q3_init_B                                      # zeros vs Kaiming B
+    python experiments/run.py q4_targets                                     # which layers
     python experiments/run.py q5_scaling                                     # alpha/r vs none vs rsLoRA
     python experiments/run.py q6_merge_precision --adapter_dir expected_output
     python experiments/run.py q12_vit                                        # where LoRA goes in a ViT
@@ -132,6 +133,21 @@ def q3_init_B(args):
                        "budget": " ".join(BUDGET), "seeds": args.seeds})
 
 
+def q4_targets(args):
+    """Which layers: query+value, query+key+value, attention + FFN, all (small budget, r=8)."""
+    sets = {"query, value": ["query", "value"], "query, key, value": ["query", "key", "value"],
+            "attention + FFN": ["query", "key", "value", "attention.output.dense", "intermediate.dense",
+                                "output.dense"], "all": ["all"]}
+    rows = []
+    for label, targets in sets.items():
+        metrics = [train(["--target_modules", *targets], seed) for seed in args.seeds]
+        acc, std = mean_std([m["best"]["value"] for m in metrics])
+        rows.append({"targets": label, "trainable": metrics[0]["parameters"]["trainable"],
+                     "accuracy_mean": round(acc, 4), "accuracy_std": round(std, 4)})
+        print(rows[-1], flush=True)
+    save("q4_targets", {"budget": " ".join(BUDGET), "rank": 8, "seeds": args.seeds, "rows": rows})
+
+
 def q5_scaling(args):
     """alpha/r against no scaling and rsLoRA (alpha/sqrt(r)), at a small and a large rank, alpha fixed at 16."""
     rows = []
@@ -181,7 +197,7 @@ def q12_vit(args):
                      "wrapped_layers": len(lora_layers(model)), **counts})
 
 
-COMMANDS = {f.__name__: f for f in (q1_spectrum, q2_rank, q3_init_B, q5_scaling, q6_merge_precision, q12_vit)}
+COMMANDS = {f.__name__: f for f in (q1_spectrum, q2_rank, q3_init_B, q4_targets, q5_scaling, q6_merge_precision, q12_vit)}
 
 
 def main():
