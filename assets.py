@@ -202,6 +202,12 @@ def english_text(seed=42, validation_fraction=0.1):
     for name in ("uncertainty-conll2010.csv", "polarity-en-pang&lee1.csv"):
         with open(os.path.join(folder, name), encoding="utf-8-sig", newline="") as f:
             docs += [row[1].strip() for row in csv.reader(f) if len(row) > 1 and row[1].strip()]
-    random.Random(seed).shuffle(docs)
-    cut = round(len(docs) * validation_fraction)
-    return [{"text": d} for d in docs[cut:]], [{"text": d} for d in docs[:cut]]
+    return seeded_split([{"text": d} for d in docs], validation_fraction, seed)
+
+
+def seeded_split(rows, fraction, seed):
+    """(train, validation): a seeded shuffle, then the first `fraction` (at least one row) for validation."""
+    order = list(range(len(rows)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, round(len(rows) * fraction))
+    return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]

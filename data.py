@@ -17,6 +17,7 @@ import random
 
 import torch
 
+import assets
 import utils
 from utils import ConfigError, banner, hub_reachable
 
@@ -31,7 +32,7 @@ def load_splits(config):
         if data["validation_file"]:
             validation = _read_local(data["validation_file"], data["text_column"])
         else:
-            train, validation = _split(train, data["validation_fraction"], seed)
+            train, validation = assets.seeded_split(train, data["validation_fraction"], seed)
         provenance = {"source": "local files", "train_file": os.path.abspath(data["train_file"]),
                       "validation_file": os.path.abspath(data["validation_file"]) if data["validation_file"]
                       else f"seeded {data['validation_fraction']:.0%} split of train_file (seed {seed})"}
@@ -57,19 +58,11 @@ def _read_local(path, text_column):
         return rows["data"] if isinstance(rows, dict) and "data" in rows else rows
 
 
-def _split(rows, fraction, seed):
-    order = list(range(len(rows)))
-    random.Random(seed).shuffle(order)
-    cut = max(1, round(len(rows) * fraction))
-    return [rows[i] for i in order[cut:]], [rows[i] for i in order[:cut]]
-
-
 def _limit(rows, limit):
     return rows[:limit] if limit else rows
 
 
 def _load_hub_or_fallback(config):
-    import assets
     data = config["data"]
     name, subset = data["dataset_name"], data["dataset_config"]
     label = f"{name}/{subset}" if subset else name
@@ -127,10 +120,9 @@ def tokenize_classification(rows, tokenizer, columns, max_length, label_map=None
     labels = [r[label] for r in rows]
     if all(isinstance(v, str) and v.strip().lstrip("-").isdigit() for v in labels):  # csv cells: "0", "-1"
         labels = [int(v) for v in labels]
-    if label_map is None:  # ints 0..n-1 stay as they are (GLUE); strings or -1/1 become 0..n-1 in sorted order
+    if label_map is None:  # labels 0..n-1 stay as they are (GLUE); anything else becomes 0..n-1 in sorted order
         values = sorted(set(labels))
-        label_map = {v: v for v in values} if all(isinstance(v, int) and v >= 0 for v in values) else \
-            {v: i for i, v in enumerate(values)}
+        label_map = {v: i for i, v in enumerate(values)}
     unknown = set(labels) - set(label_map)
     if unknown:
         raise ConfigError(f"validation labels {sorted(unknown)[:5]} never occur in training")

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_linear import AdapterError, LinearWithLoRA, find_target_modules, lora_layers, read_adapter
+from lora_linear import AdapterError, Conv1D, LinearWithLoRA, find_target_modules, lora_layers, read_adapter
 
 
 class LoRABank(nn.Module):
@@ -139,7 +139,7 @@ class MultiAdapterModel:
         for layer_name in targets:
             layer = modules[layer_name]
             base = layer.base_layer if isinstance(layer, LinearWithLoRA) else layer
-            w = base.weight.shape[::-1] if type(base).__name__ == "Conv1D" else base.weight.shape  # (out, in)
+            w = base.weight.shape[::-1] if isinstance(base, Conv1D) else base.weight.shape  # (out, in)
             A, B = state.get(f"{layer_name}.lora.lora_A"), state.get(f"{layer_name}.lora.lora_B")
             if A is None or B is None or A.shape[1] != w[1] or B.shape[0] != w[0]:
                 problems.append(layer_name)

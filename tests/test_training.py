@@ -194,3 +194,14 @@ def test_bf16_autocast_accumulation_and_checkpointing_paths(tiny_assets, tmp_pat
 def test_fp16_on_cpu_is_refused_before_training(tiny_assets, tmp_path, capsys):
     assert train_lora_basic.main(bert_args(tiny_assets, tmp_path / "run", "--fp16")) == 2
     assert "fp16 autocast needs a GPU" in capsys.readouterr().err
+
+
+def test_labels_become_0_to_n_minus_1(tiny_assets):
+    from transformers import AutoTokenizer
+    from data import tokenize_classification
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets["bert"])
+    rows = [{"t": "good", "y": y} for y in (0, 2, 2, 0)] + [{"t": "bad", "y": -1}]
+    examples, label_map = tokenize_classification(rows, tokenizer, ("t", None, "y"), 8)
+    assert label_map == {-1: 0, 0: 1, 2: 2} and [e["labels"] for e in examples] == [1, 2, 2, 1, 0]
+    _, identity = tokenize_classification(rows[:2] + [{"t": "fun", "y": 1}], tokenizer, ("t", None, "y"), 8)
+    assert identity == {0: 0, 1: 1, 2: 2}
