@@ -73,6 +73,37 @@ def make_step(model, batch, precision, device):
     return step
 
 
+def peak_memory_during(run, device):
+    """Peak memory (MB) while `run()` executes: max allocated on CUDA, sampled RSS on CPU. Call it in a fresh
+    process: RSS also counts the interpreter and the model."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        run()
+        return torch.cuda.max_memory_allocated() / 2**20
+    # Building the model leaves freed temporaries in the allocator's pools, which would hide the training
+    # peak in ru_maxrss: return them to the OS, then sample RSS while the steps run.
+    import ctypes
+    import gc
+    import threading
+    import psutil
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    process, peak, done = psutil.Process(), [0], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], process.memory_info().rss)
+            time.sleep(0.002)
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        run()  # two steps or more: the second already holds the optimizer state
+    finally:
+        done.set()
+        sampler.join()
+    return peak[0] / 2**20
+
+
 def section_step(args, device):
     """Training step at bert-base dimensions, B=8, S=128."""
     print("training step (bert-base dims, batch 8, seq 128)")
@@ -150,9 +181,9 @@ def section_inference(args, device):
 MEMORY_CHILD = r"""
 import sys, json, torch
 sys.path.insert(0, {root!r})
-from benchmarks.bench import bert_base, make_step
+from benchmarks.bench import bert_base, make_step, peak_memory_during
 from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
-from utils import peak_memory_mb, pick_device
+from utils import pick_device
 device = pick_device({device!r})
 mode, quick = {mode!r}, {quick!r}
 model = bert_base(quick, device).train()
@@ -164,29 +195,7 @@ B, S = {shape}
 batch = {{"input_ids": torch.randint(0, model.config.vocab_size, (B, S), device=device),
           "labels": torch.randint(0, 2, (B,), device=device)}}
 step = make_step(model, batch, "fp32", device)
-if device.type == "cuda":
-    torch.cuda.reset_peak_memory_stats()
-    for _ in range(3):
-        step()
-    print(json.dumps({{"peak_mb": peak_memory_mb(device)}}))
-else:
-    # Building the model leaves freed temporaries in the allocator's pools, which would hide the training
-    # peak in ru_maxrss: return them to the OS, then sample RSS while the steps run.
-    import ctypes, gc, threading, time, psutil
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    process, peak, done = psutil.Process(), [0], threading.Event()
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.002)
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    for _ in range(2):  # the second step already holds the optimizer state
-        step()
-    done.set()
-    sampler.join()
-    print(json.dumps({{"peak_mb": peak[0] / 2**20}}))
+print(json.dumps({{"peak_mb": peak_memory_during(lambda: [step() for _ in range(2)], device)}}))
 """
 
 

@@ -8,10 +8,15 @@ Experiments behind discussion.md. One subcommand per question; each writes exper
     python experiments/run.py q4_targets                                     # which layers
     python experiments/run.py q5_scaling                                     # alpha/r vs none vs rsLoRA
     python experiments/run.py q6_merge_precision --adapter_dir expected_output
+    python experiments/run.py q7_memory                                      # memory and time per step
+    python experiments/run.py q10_methods                                    # LoRA, BitFit, full FT, IA3, prefix
+    python experiments/run.py q11_dynamic_rank                               # rank allocated by singular values
     python experiments/run.py q12_vit                                        # where LoRA goes in a ViT
 
-Training experiments use the bundled MiniLM and Rotten Tomatoes sentences through train_lora_basic.main
-(the same code as the main command) with a reduced budget, stated in each result.
+Training subcommands take --seeds (e.g. --seeds 42 43 44) and report mean and standard deviation. They use the
+bundled MiniLM and Rotten Tomatoes sentences with a reduced budget (BUDGET below, stated in each result): Q2-Q5
+through train_lora_basic.main, the same code as the main command; Q10 and Q11 through plain_train, one small
+loop that can also train the models the training script does not build (BitFit, full fine-tuning, PEFT's).
 """
 
 import argparse
@@ -197,7 +202,268 @@ def q12_vit(args):
                      "wrapped_layers": len(lora_layers(model)), **counts})
 
 
-COMMANDS = {f.__name__: f for f in (q1_spectrum, q2_rank, q3_init_B, q4_targets, q5_scaling, q6_merge_precision, q12_vit)}
+# ----------------------------------------------------------------------------- Q10, Q11: one loop for every method
+
+def plain_train(prepare, seed, lr, keep_model=False):
+    """Train a model made by `prepare(model)` at the same budget as `train` (data, length-grouped batches,
+    AdamW with no decay on biases, warmup + linear decay, clipping, evaluation), in a plain loop: the training
+    script builds LoRA models only, and Q10 needs BitFit, full fine-tuning and PEFT-wrapped models too, all
+    trained by the same code."""
+    from transformers import get_linear_schedule_with_warmup
+    from data import build_datasets, make_loader
+    from train_lora_basic import evaluate
+    from utils import build_arg_parser, load_base_model, load_config, set_seed
+    config = load_config(build_arg_parser("").parse_args(BUDGET + ["--seed", str(seed), "--lr", str(lr)]))
+    t = config["training"]
+    set_seed(seed)
+    model, tokenizer, _ = load_base_model(config["model_name"], "classification", 2, config["fallback"]["offline_model"])
+    model = prepare(model)
+    train_set, eval_set, collate, _, _ = build_datasets(config, tokenizer)
+    train_loader = make_loader(train_set, collate, t["batch_size"], True, True, seed)
+    eval_loader = make_loader(eval_set, collate, t["eval_batch_size"], False, True, seed)
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for n, p in trainable if not n.endswith("bias")], "weight_decay": t["weight_decay"]},
+         {"params": [p for n, p in trainable if n.endswith("bias")], "weight_decay": 0.0}], lr=lr)
+    total = len(train_loader) * t["num_epochs"]
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(t["warmup_ratio"] * total), total)
+    epochs = []
+    for epoch in range(t["num_epochs"]):
+        model.train()
+        train_loader.batch_sampler.set_epoch(epoch)
+        start = time.time()
+        for batch in train_loader:
+            model(**batch).loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in trainable], t["max_grad_norm"])
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        seconds = time.time() - start
+        result = evaluate(model, eval_loader, "classification", torch.device("cpu"), "fp32", 1, False)
+        epochs.append({"seconds": round(seconds, 1), "eval_loss": round(result["loss"], 4),
+                       "accuracy": round(result["accuracy"], 4)})
+    run = {"seed": seed, "lr": lr, "trainable": sum(p.numel() for _, p in trainable),
+           "total": sum(p.numel() for p in model.parameters()), "epochs": epochs,
+           "best_accuracy": max(e["accuracy"] for e in epochs)}
+    if keep_model:
+        run["model"], run["tokenizer"] = model.eval(), tokenizer
+    return run
+
+
+def _lora(targets=("query", "value"), rank=8):
+    from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
+
+    def prepare(model):
+        apply_lora_to_model(model, list(targets), rank=rank, alpha=2 * rank, dropout=0.05)
+        return mark_only_lora_as_trainable(model)
+    return prepare
+
+
+def _lora_per_layer(ranks):
+    """LoRA with a rank of its own per layer ({full layer name: rank}); s = alpha / r = 2 everywhere."""
+    from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
+
+    def prepare(model):
+        for rank in sorted(set(ranks.values())):
+            apply_lora_to_model(model, [n for n, r in ranks.items() if r == rank], rank=rank, alpha=2 * rank,
+                                dropout=0.05)
+        return mark_only_lora_as_trainable(model)
+    return prepare
+
+
+def _bitfit(model):
+    from lora_linear import mark_only_lora_as_trainable
+    return mark_only_lora_as_trainable(model, bias="all")  # no LoRA layers: every bias + the head
+
+
+def _full(model):
+    model._initial_weights = {n: p.detach().clone() for n, p in model.named_parameters()
+                              if n.endswith(("query.weight", "value.weight"))}
+    return model
+
+
+def _peft(kind):
+    def prepare(model):
+        from peft import IA3Config, PrefixTuningConfig, TaskType, get_peft_model
+        # PEFT's defaults for BERT: IA3 scales key, value and the FFN output; prefix tuning adds 20 virtual tokens
+        config = (IA3Config(task_type=TaskType.SEQ_CLS) if kind == "ia3" else
+                  PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=20))
+        return get_peft_model(model, config)
+    return prepare
+
+
+# learning rates from each method's paper or PEFT's examples, not tuned here
+METHODS = {
+    "LoRA r=8 q,v (this repo)": (_lora(), 5e-4),
+    "BitFit (biases + head)": (_bitfit, 1e-3),
+    "full fine-tuning": (_full, 5e-5),
+    "IA3 (peft)": (_peft("ia3"), 3e-3),
+    "prefix tuning, 20 tokens (peft)": (_peft("prefix"), 1e-2),
+}
+
+
+def _latency_ms(models, batch, rounds=15):
+    """Median forward latency of each model on one batch, contenders alternating."""
+    import statistics
+    times = {name: [] for name in models}
+    with torch.no_grad():
+        for round_ in range(rounds + 2):
+            for name, model in models.items():
+                start = time.perf_counter()
+                model(**batch)
+                if round_ >= 2:  # two warm-up rounds
+                    times[name].append((time.perf_counter() - start) * 1000)
+    return {name: round(statistics.median(t), 1) for name, t in times.items()}
+
+
+def _spectrum(delta):
+    s = torch.linalg.svdvals(delta.double())
+    energy = (s ** 2).cumsum(0) / (s ** 2).sum()
+    return {"top1": round(energy[0].item(), 4), "top8": round(energy[7].item(), 4),
+            "rank_for_90pct": int((energy < 0.9).sum()) + 1, "singular_values": s[:64].tolist()}
+
+
+def q10_methods(args):
+    """LoRA, BitFit, full fine-tuning, IA3 and prefix tuning on the same data, budget and loop."""
+    from lora_linear import lora_layers, merge_lora_weights
+    rows, kept = [], {}
+    for label, (prepare, lr) in METHODS.items():
+        runs = [plain_train(prepare, seed, lr, keep_model=seed == args.seeds[0]) for seed in args.seeds]
+        kept[label] = runs[0].pop("model")
+        tokenizer = runs[0].pop("tokenizer")
+        acc, std = mean_std([r["best_accuracy"] for r in runs])
+        rows.append({"method": label, "lr": lr, "trainable": runs[0]["trainable"], "total": runs[0]["total"],
+                     "accuracy_mean": round(acc, 4), "accuracy_std": round(std, 4),
+                     "seconds_per_epoch": round(sorted(e["seconds"] for r in runs for e in r["epochs"])[
+                         len(runs) * len(runs[0]["epochs"]) // 2], 1), "runs": runs})
+        print({k: v for k, v in rows[-1].items() if k != "runs"}, flush=True)
+    # Q1's comparison: the spectrum of full fine-tuning's update against LoRA's, same layers, same data
+    full, lora = kept["full fine-tuning"], kept["LoRA r=8 q,v (this repo)"]
+    spectra = {"full fine-tuning": {}, "LoRA r=8": {}}
+    for name, w0 in full._initial_weights.items():
+        spectra["full fine-tuning"][name] = _spectrum(full.get_parameter(name).detach() - w0)
+    for name, layer in lora_layers(lora):
+        spectra["LoRA r=8"][name + ".weight"] = _spectrum(layer.lora.delta_weight().detach())
+    _plot_spectra(spectra)
+    # inference latency: one batch of 64 validation sentences
+    import assets
+    batch = tokenizer([r["sentence"] for r in assets.rotten_tomatoes()[1][:64]], padding=True, return_tensors="pt")
+    from utils import load_base_model
+    base, _, _ = load_base_model("minilm", "classification", 2)
+    import copy
+    merged = merge_lora_weights(copy.deepcopy(lora))
+    latency = _latency_ms({"base model": base.eval(), **kept, "LoRA r=8 q,v, merged": merged}, batch)
+    save("q10_methods", {"budget": " ".join(BUDGET), "seeds": args.seeds, "rows": rows,
+                         "latency_ms_batch_64": latency, "update_spectra": spectra})
+
+
+def _plot_spectra(spectra):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for (label, layers), color in zip(spectra.items(), ("tab:red", "tab:blue")):
+        for i, s in enumerate(layers.values()):
+            s = torch.tensor(s["singular_values"][:32])
+            ax.semilogy(range(1, len(s) + 1), (s / s[0]).numpy(), color=color, alpha=0.5,
+                        label=label if i == 0 else None)
+    ax.set(xlabel="singular value index", ylabel="singular value / largest",
+           title="Spectrum of the weight update, query and value layers")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(RESULTS, "q1_full_vs_lora.png"), dpi=110)
+
+
+def allocate_ranks(singular_values, budget, minimum=1):
+    """AdaLoRA's idea in one step: a layer's rank is how many of the `budget` largest singular values, over all
+    layers, are its own; every layer keeps at least its `minimum` largest."""
+    ranks = {name: minimum for name in singular_values}
+    rest = sorted(((s, name) for name, values in singular_values.items() for s in sorted(values, reverse=True)[minimum:]),
+                  reverse=True)
+    for _, name in rest[:budget - minimum * len(ranks)]:
+        ranks[name] += 1
+    return ranks
+
+
+def q11_dynamic_rank(args):
+    """Rank by importance: train r=32, read each layer's singular values, give a total rank of 12 x 8 where they
+    are largest, retrain; against uniform r=8 (same parameter count) on the same seeds."""
+    from lora_linear import lora_layers
+    teacher = plain_train(_lora(rank=32), args.seeds[0], 5e-4, keep_model=True)
+    values = {name: torch.linalg.svdvals(layer.lora.delta_weight().detach().double()).tolist()
+              for name, layer in lora_layers(teacher.pop("model"))}
+    teacher.pop("tokenizer")
+    ranks = allocate_ranks(values, budget=8 * len(values))
+    print("ranks:", ranks, flush=True)
+    rows = []
+    for label, prepare in (("uniform r=8", _lora(rank=8)), ("allocated by singular values", _lora_per_layer(ranks))):
+        runs = [plain_train(prepare, seed, 5e-4) for seed in args.seeds]
+        acc, std = mean_std([r["best_accuracy"] for r in runs])
+        rows.append({"setup": label, "trainable": runs[0]["trainable"], "accuracy_mean": round(acc, 4),
+                     "accuracy_std": round(std, 4), "runs": runs})
+        print({k: v for k, v in rows[-1].items() if k != "runs"}, flush=True)
+    save("q11_dynamic_rank", {"budget": " ".join(BUDGET), "seeds": args.seeds, "teacher_r32": teacher,
+                              "allocated_ranks": ranks, "rows": rows})
+
+
+# ----------------------------------------------------------------------------- Q7: memory and time per step
+
+Q7_MODES = ("full fine-tuning", "LoRA", "LoRA, 4 x 8 accumulation", "LoRA + gradient checkpointing",
+            "LoRA + bf16 autocast", "LoRA, base stored in bf16 + autocast")
+
+
+def q7_memory(args):
+    """Peak memory and time per optimizer step on MiniLM, effective batch 32 x 128; one process per setup."""
+    import subprocess
+    rows = []
+    for mode in Q7_MODES:
+        out = subprocess.run([sys.executable, os.path.abspath(__file__), "q7_memory", "--child", mode],
+                             capture_output=True, text=True, check=True)
+        rows.append({"setup": mode, **json.loads(out.stdout.strip().splitlines()[-1])})
+        print(rows[-1], flush=True)
+    save("q7_memory", {"model": "all-MiniLM-L6-v2 (bundled), LoRA r=8 q,v", "effective_batch": "32 x 128 tokens",
+                       "memory": "CPU peak RSS sampled during 3 optimizer steps (model and interpreter included)",
+                       "time": "mean of steps 2 and 3 (step 1 warms up)", "rows": rows})
+
+
+def _q7_child(mode):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    from bench import peak_memory_during
+    from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
+    from utils import autocast_context, load_base_model
+    torch.manual_seed(0)
+    model, _, _ = load_base_model("minilm", "classification", 2)
+    if "stored in bf16" in mode:
+        model.to(torch.bfloat16)  # before LoRA: the LoRA weights are created in fp32 on a bf16 base
+        model.classifier.float()  # the trained head stays fp32 too, like the LoRA weights
+    if mode != "full fine-tuning":
+        mark_only_lora_as_trainable(apply_lora_to_model(model, ["query", "value"], rank=8, alpha=16))
+    if "checkpointing" in mode:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    micro_batches = 4 if "accumulation" in mode else 1
+    batch = {"input_ids": torch.randint(1000, 20000, (32 // micro_batches, 128)),
+             "labels": torch.randint(0, 2, (32 // micro_batches,))}
+    precision, device = ("bf16" if "bf16" in mode else "fp32"), torch.device("cpu")
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    seconds = []
+
+    def steps():
+        for _ in range(3):
+            start = time.perf_counter()
+            for _ in range(micro_batches):
+                with autocast_context(precision, device):
+                    loss = model(**batch).loss
+                (loss.float() / micro_batches).backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds.append(time.perf_counter() - start)
+    peak = peak_memory_during(steps, device)
+    print(json.dumps({"peak_mb": round(peak), "seconds_per_step": round(sum(seconds[1:]) / 2, 2),
+                      "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}))
+
+
+COMMANDS = {f.__name__: f for f in (q1_spectrum, q2_rank, q3_init_B, q4_targets, q5_scaling, q6_merge_precision, q7_memory, q10_methods, q11_dynamic_rank, q12_vit)}
 
 
 def main():
@@ -205,7 +471,10 @@ def main():
     parser.add_argument("command", choices=list(COMMANDS))
     parser.add_argument("--adapter_dir", default=os.path.join(ROOT, "expected_output"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
+    parser.add_argument("--child", choices=Q7_MODES, help=argparse.SUPPRESS)  # q7_memory's one-setup process
     args = parser.parse_args()
+    if args.child:
+        return _q7_child(args.child)
     os.makedirs(RESULTS, exist_ok=True)
     start = time.time()
     COMMANDS[args.command](args)

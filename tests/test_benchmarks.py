@@ -10,9 +10,10 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 def test_benchmark_runs_on_a_tiny_model(tmp_path):
     import bench
     out = tmp_path / "results.json"
-    assert bench.main(["--quick", "--only", "step", "inference", "multi", "--output", str(out)]) == 0
+    assert bench.main(["--quick", "--only", "step", "inference", "memory", "multi", "--output", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     names = {(r["section"], r["contender"]) for r in rows}
     assert ("step", "this repo LoRA r=8 q,v (fp32)") in names and ("step", "full fine-tuning (fp32)") in names
     assert ("inference", "LoRA merged") in names and ("multi", "seq 8: one mixed batch (multi_lora)") in names
+    assert ("memory", "lora, batch 2 x 16") in names  # one child process per setup
     assert all(r["value"] > 0 for r in rows)

@@ -1,0 +1,18 @@
+"""The experiment runner's own logic (its training runs are the integration tests' job, not repeated here)."""
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "experiments"))
+
+
+def test_allocate_ranks_gives_the_budget_to_the_largest_singular_values():
+    from run import allocate_ranks
+    values = {"a": [9.0, 8.0, 7.0, 0.1], "b": [6.0, 0.2, 0.1, 0.0], "c": [0.5, 0.4, 0.3, 0.2]}
+    # the 6 largest overall are 9, 8, 7 (a), 6 (b), 0.5, 0.4 (c)
+    assert allocate_ranks(values, budget=6) == {"a": 3, "b": 1, "c": 2}
+    # the minimum is kept even where a layer's values are all small, and the budget is spent exactly
+    ranks = allocate_ranks(values, budget=6, minimum=2)
+    assert ranks == {"a": 2, "b": 2, "c": 2}
+    # ties and small values: 9, 8, 7, 6, 0.5, 0.4, 0.3, 0.2 (b), 0.2 (c) beat a's 0.1
+    assert allocate_ranks(values, budget=9) == {"a": 3, "b": 2, "c": 4}
