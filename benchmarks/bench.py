@@ -2,7 +2,7 @@
 Speed and memory of this repo's LoRA against what users would pick instead. One command:
 
     python benchmarks/bench.py                 # everything below, then a table (several minutes on 2 cores)
-    python benchmarks/bench.py --only step     # one section: step inference memory padding multi e2e profile
+    python benchmarks/bench.py --only step     # one section: step inference memory padding multi e2e profile compile
     python benchmarks/bench.py --quick         # tiny model, a smoke test (used by the tests)
 
 Contenders run side by side in one process, alternating, after warm-up; each number is a median.
@@ -359,8 +359,50 @@ def section_profile(args, device):
     return events
 
 
+def section_compile(args, device):
+    """Does torch.compile pay within one epoch? MiniLM LoRA steps at the batch shapes length-grouped batches
+    produce (16 rows, 12 to 44 tokens): the compile cost of the first shapes against the per-step saving."""
+    print("torch.compile (MiniLM, LoRA r=8 q,v, batch 16, 9 sequence lengths, dynamic shapes)")
+    import assets
+    from transformers import AutoModelForSequenceClassification
+
+    def build():
+        torch.manual_seed(0)
+        if args.quick:
+            model = bert_base(True, device)
+        else:
+            model = AutoModelForSequenceClassification.from_pretrained(assets.model_dir("minilm"), num_labels=2)
+        return mark_only_lora_as_trainable(apply_lora_to_model(model.to(device).train(), ["query", "value"], 8, 16))
+    lengths = range(12, 45, 4) if not args.quick else (8, 12)
+    vocab = 1000 if args.quick else 20000
+    batches = [{"input_ids": torch.randint(100, vocab, (16, n), device=device),
+                "labels": torch.randint(0, 2, (16,), device=device)} for n in lengths]
+    eager, compiled = build(), build()
+    eager_steps = [make_step(eager, b, "fp32", device) for b in batches]
+    compiled_model = torch.compile(compiled, dynamic=True)
+    compiled_steps = [make_step(compiled_model, b, "fp32", device) for b in batches]
+    start = time.perf_counter()
+    for step in compiled_steps:  # every shape once: compilation (and any recompilation) happens here
+        step()
+    first_pass = time.perf_counter() - start
+    medians = timed_rounds({"eager": lambda: [s() for s in eager_steps],
+                            "compiled": lambda: [s() for s in compiled_steps]}, args.rounds, 1, device)
+    per_step = {k: v / len(batches) for k, v in medians.items()}
+    record("compile", f"first pass over the {len(batches)} shapes (compiling)", first_pass, "s")
+    record("compile", "eager step (median)", per_step["eager"] * 1000, "ms", "1.00x")
+    record("compile", "compiled step (median, after compiling)", per_step["compiled"] * 1000, "ms",
+           f"{per_step['compiled'] / per_step['eager']:.2f}x eager")
+    saving = per_step["eager"] - per_step["compiled"]
+    overhead = first_pass - len(batches) * per_step["compiled"]
+    if saving > 0:
+        record("compile", "steps until compiling pays off", overhead / saving, "steps",
+               "one epoch of the bundled 3,600 sentences is 225 steps")
+    return per_step
+
+
 SECTIONS = {"step": section_step, "inference": section_inference, "memory": section_memory,
-            "padding": section_padding, "multi": section_multi, "e2e": section_e2e, "profile": section_profile}
+            "padding": section_padding, "multi": section_multi, "e2e": section_e2e, "profile": section_profile,
+            "compile": section_compile}
 
 
 def main(argv=None):

@@ -12,3 +12,18 @@ def test_guide_code_quotes_match_the_library():
     assert len(quoted) >= 3  # LoRALayer.forward, LinearWithLoRA.forward, merge_weights
     for block in quoted:
         assert block in source, f"GUIDE.md quotes code that is no longer in lora_linear.py:\n{block}"
+
+
+def test_documented_experiment_and_benchmark_commands_exist():
+    import sys
+    sys.path.insert(0, os.path.join(ROOT, "experiments"))
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import bench
+    import run
+    docs = "".join(open(os.path.join(ROOT, name)).read() for name in
+                   ("README.md", "discussion.md", "benchmarks/RESULTS.md", "experiments/run.py"))
+    commands = set(re.findall(r"experiments/run\.py (\w+)", docs))
+    sections = {s for group in re.findall(r"bench\.py --only ((?:\w+ ?)+)", docs) for s in group.split()}
+    assert commands and sections
+    assert commands <= set(run.COMMANDS), commands - set(run.COMMANDS)
+    assert sections <= set(bench.SECTIONS), sections - set(bench.SECTIONS)
