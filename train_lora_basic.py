@@ -216,6 +216,10 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
     output_dir, training, task = config["output_dir"], config["training"], config["task"]
     setup_logging(output_dir, is_main)
     precision = resolve_precision(training["precision"], device)
+    if training["base_dtype"] != "fp32" and precision != training["base_dtype"]:
+        raise ConfigError(f"base_dtype: {training['base_dtype']} needs precision: {training['base_dtype']} (autocast "
+                          f"joins the half-precision base with the fp32 LoRA weights and head); add "
+                          f"--precision {training['base_dtype']}")
     set_seed(training["seed"])
     start = time.time()
 
@@ -224,7 +228,7 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
         dist.barrier()
     splits = load_splits(config)  # data first: a wrong column fails before the model loads
     model, tokenizer, model_provenance = load_base_model(config["model_name"], task, config["num_labels"],
-                                                         config["fallback"]["offline_model"])
+                                                         config["fallback"]["offline_model"], training["base_dtype"])
     lora = config["lora"]
     targets = expand_target_modules(lora["target_modules"], model)
     if model_provenance.get("fallback") and targets != "all" and not _targets_exist(model, targets):
@@ -236,6 +240,9 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
     except ValueError as e:  # a target that matches nothing: the message lists the names that exist
         raise ConfigError(str(e)) from None
     mark_only_lora_as_trainable(model, bias=lora["bias"])
+    for param in model.parameters():  # on a bf16/fp16 base: the head (and trained biases) train in fp32 too
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     train_set, eval_set, collate, data_provenance, label_map = build_datasets(config, tokenizer, splits)
     if world_size > 1 and is_main:
         dist.barrier()

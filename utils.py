@@ -33,7 +33,7 @@ DEFAULT_CONFIG = {
     "training": {
         "num_epochs": 3, "batch_size": 16, "eval_batch_size": 64, "learning_rate": 5e-4,
         "max_length": 128, "warmup_ratio": 0.1, "weight_decay": 0.01, "gradient_accumulation_steps": 1,
-        "max_grad_norm": 1.0, "precision": "auto", "fp16": False, "bf16": False,
+        "max_grad_norm": 1.0, "precision": "auto", "fp16": False, "bf16": False, "base_dtype": "fp32",
         "gradient_checkpointing": False, "seed": 42, "logging_steps": 10, "eval_steps": 0,
         "max_steps": 0, "group_by_length": True, "pad_to_max_length": False, "num_workers": 0,
     },
@@ -53,7 +53,7 @@ DEFAULT_CONFIG = {
 CHOICES = {
     "task": ("classification", "causal_lm"), "scaling": ("standard", "rslora", "none"),
     "init_B": ("zeros", "kaiming"), "bias": ("none", "all", "lora_only"),
-    "precision": ("auto", "fp32", "bf16", "fp16"),
+    "precision": ("auto", "fp32", "bf16", "fp16"), "base_dtype": ("fp32", "bf16", "fp16"),
     "offline_model": (None, "minilm", "smollm2"), "offline_dataset": (None, "rotten_tomatoes", "english_text"),
 }
 POSITIVE_INT = {"num_labels", "rank", "num_epochs", "batch_size", "eval_batch_size", "max_length",
@@ -375,11 +375,15 @@ def _in_hf_cache(model_name):
         return False
 
 
-def load_base_model(model_name, task, num_labels=2, fallback=None, dtype=None):
-    """(model, tokenizer, provenance) for training and inference alike."""
+def load_base_model(model_name, task, num_labels=2, fallback=None, dtype="fp32"):
+    """(model, tokenizer, provenance) for training and inference alike. dtype (fp32 | bf16 | fp16) is always
+    passed: transformers 5 would otherwise load the checkpoint's own dtype, bf16 for most new LLMs, which
+    a CPU without native bf16 runs many times slower than fp32."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
     source, provenance = resolve_model_source(model_name, fallback)
+    torch_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     offline = {} if hub_reachable() else {"local_files_only": True}
     tokenizer = AutoTokenizer.from_pretrained(source, **offline)
     verbosity = hf_logging.get_verbosity()
@@ -387,9 +391,10 @@ def load_base_model(model_name, task, num_labels=2, fallback=None, dtype=None):
     hf_logging.disable_progress_bar()
     try:
         if task == "classification":
-            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels, dtype=dtype, **offline)
+            model = AutoModelForSequenceClassification.from_pretrained(source, num_labels=num_labels,
+                                                                       dtype=torch_dtype, **offline)
         else:
-            model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **offline)
+            model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, **offline)
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()

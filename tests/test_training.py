@@ -125,6 +125,7 @@ def test_nan_loss_stops_with_a_clear_message_and_keeps_the_last_good_adapter(tin
     (["--lr", "-1"], "invalid value for 'learning_rate'"),
     (["--dropout", "1.5"], "invalid value for 'dropout'"),
     (["--precision", "fp8"], "invalid value for 'precision'"),
+    (["--base_dtype", "bf16", "--precision", "fp32"], "base_dtype: bf16 needs precision: bf16"),
     (["--task", "translation"], "invalid value for 'task'"),
     (["--train_file", "/nonexistent.csv"], "does not exist"),
     (["--target_modules", "nonexistent"], "matches no layer"),
@@ -189,6 +190,22 @@ def test_bf16_autocast_accumulation_and_checkpointing_paths(tiny_assets, tmp_pat
     assert metrics["epochs"][0]["step"] == 12 // 4  # 12 batches, one optimizer step per 4
     from safetensors.torch import load_file
     assert all(t.dtype == torch.float32 for t in load_file(out / "adapter_model.safetensors").values())
+
+
+def test_half_precision_base_trains_fp32_lora_weights_and_head(tiny_assets, tmp_path):
+    out = tmp_path / "run"
+    assert train_lora_basic.main(bert_args(tiny_assets, out, "--max_steps", "4", "--precision", "bf16",
+                                           "--base_dtype", "bf16")) == 0
+    assert "full model weights (torch.bfloat16)" in (out / "model_comparison.txt").read_text()
+    from safetensors.torch import load_file
+    saved = load_file(out / "adapter_model.safetensors")
+    assert any("classifier" in k for k in saved) and all(t.dtype == torch.float32 for t in saved.values())
+    # and it loads back onto a bf16 base, keeping its fp32 LoRA weights there
+    from transformers import AutoModelForSequenceClassification
+    from lora_linear import load_adapter
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_assets["bert"], dtype=torch.bfloat16)
+    query = load_adapter(base, str(out)).bert.encoder.layer[0].attention.self.query
+    assert query.base_layer.weight.dtype == torch.bfloat16 and query.lora.lora_A.dtype == torch.float32
 
 
 def test_fp16_on_cpu_is_refused_before_training(tiny_assets, tmp_path, capsys):
