@@ -29,7 +29,7 @@ from data import build_datasets, load_splits, make_loader
 from lora_linear import apply_lora_to_model, count_lora_parameters, load_adapter, mark_only_lora_as_trainable, save_adapter
 from utils import (ConfigError, autocast_context, build_arg_parser, expand_target_modules, format_parameter_table,
                    library_versions, load_base_model, load_config, machine_description, peak_memory_mb, pick_device,
-                   plot_training_curves, resolve_precision, set_seed, write_json_atomic)
+                   plot_training_curves, resolve_precision, set_seed, trainable_to_fp32, write_json_atomic)
 
 log = logging.getLogger("train_lora")
 STOP_REQUESTED = False  # set by Ctrl-C (or a callback); checked after every optimizer step
@@ -239,10 +239,7 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
         apply_lora_to_model(model, targets, lora["rank"], lora["alpha"], lora["dropout"], lora["init_B"], lora["scaling"])
     except ValueError as e:  # a target that matches nothing: the message lists the names that exist
         raise ConfigError(str(e)) from None
-    mark_only_lora_as_trainable(model, bias=lora["bias"])
-    for param in model.parameters():  # on a bf16/fp16 base: the head (and trained biases) train in fp32 too
-        if param.requires_grad and param.dtype != torch.float32:
-            param.data = param.data.float()
+    trainable_to_fp32(mark_only_lora_as_trainable(model, bias=lora["bias"]))
     train_set, eval_set, collate, data_provenance, label_map = build_datasets(config, tokenizer, splits)
     if world_size > 1 and is_main:
         dist.barrier()

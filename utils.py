@@ -286,6 +286,16 @@ def autocast_context(precision, device):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def trainable_to_fp32(model):
+    """Upcast what trains (the head, trained biases) on a bf16/fp16 base: like the LoRA weights, small updates
+    would vanish in half precision. Autocast then joins them with the half-precision base."""
+    import torch
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
+    return model
+
+
 def set_seed(seed):
     import numpy as np
     import torch

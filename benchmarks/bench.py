@@ -25,7 +25,7 @@ sys.path.insert(0, ROOT)
 
 from lora_linear import apply_lora_to_model, lora_layers, mark_only_lora_as_trainable, merge_lora_weights  # noqa: E402
 from utils import autocast_context, cpu_has_native_bf16, library_versions, machine_description, pick_device  # noqa: E402
-from utils import resolve_precision  # noqa: E402
+from utils import peak_memory_mb, resolve_precision  # noqa: E402
 
 ROWS = []  # (section, contender, value, unit, ratio text)
 
@@ -79,7 +79,7 @@ def peak_memory_during(run, device):
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
         run()
-        return torch.cuda.max_memory_allocated() / 2**20
+        return peak_memory_mb(device)
     # Building the model leaves freed temporaries in the allocator's pools, which would hide the training
     # peak in ru_maxrss: return them to the OS, then sample RSS while the steps run.
     import ctypes

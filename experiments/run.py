@@ -59,16 +59,12 @@ def train(extra, seed):
         return json.load(f)
 
 
-def mean_std(values):
-    import statistics
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
-
-
 def accuracy_summary(values):
     """Mean, sample standard deviation and the per-seed values (seeds are paired across the rows of a table:
     the seed also picks the training subset and the validation split)."""
-    mean, std = mean_std(values)
-    return {"accuracy_mean": round(mean, 4), "accuracy_std": round(std, 4),
+    import statistics
+    std = statistics.stdev(values) if len(values) > 1 else 0.0
+    return {"accuracy_mean": round(statistics.mean(values), 4), "accuracy_std": round(std, 4),
             "accuracy_per_seed": [round(v, 4) for v in values]}
 
 
@@ -475,14 +471,12 @@ def _q7_child(mode):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from bench import peak_memory_during
     from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
-    from utils import autocast_context, load_base_model
+    from utils import autocast_context, load_base_model, trainable_to_fp32
     torch.manual_seed(0)
-    model, _, _ = load_base_model("minilm", "classification", 2)
-    if "stored in bf16" in mode:
-        model.to(torch.bfloat16)  # before LoRA: the LoRA weights are created in fp32 on a bf16 base
-        model.classifier.float()  # the trained head stays fp32 too, like the LoRA weights
+    # what --base_dtype bf16 does in training: LoRA weights are created in fp32 on the bf16 base, the head upcast
+    model, _, _ = load_base_model("minilm", "classification", 2, dtype="bf16" if "stored in bf16" in mode else "fp32")
     if mode != "full fine-tuning":
-        mark_only_lora_as_trainable(apply_lora_to_model(model, ["query", "value"], rank=8, alpha=16))
+        trainable_to_fp32(mark_only_lora_as_trainable(apply_lora_to_model(model, ["query", "value"], rank=8, alpha=16)))
     if "checkpointing" in mode:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
