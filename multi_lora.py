@@ -79,8 +79,11 @@ class HeadBank(nn.Module):
         self.active, self.row_slots = 0, None
 
     def add(self, weight=None, bias=None):
-        self.weight = torch.cat([self.weight, (weight if weight is not None else self.weight[0]).unsqueeze(0)])
-        self.bias = torch.cat([self.bias, (bias if bias is not None else self.bias[0]).unsqueeze(0)])
+        """Append a slot; a saved head (read on the CPU) moves to where the model lives."""
+        weight = self.weight[0] if weight is None else weight.to(self.weight)
+        bias = self.bias[0] if bias is None else bias.to(self.bias)
+        self.weight = torch.cat([self.weight, weight.unsqueeze(0)])
+        self.bias = torch.cat([self.bias, bias.unsqueeze(0)])
 
     def remove(self, slot):
         keep = [i for i in range(self.weight.shape[0]) if i != slot]

@@ -2,7 +2,7 @@
 Speed and memory of this repo's LoRA against what users would pick instead. One command:
 
     python benchmarks/bench.py                 # everything below, then a table (several minutes on 2 cores)
-    python benchmarks/bench.py --only step     # one section: step inference memory padding multi e2e profile compile
+    python benchmarks/bench.py --only step     # one section: step inference memory padding multi e2e precision profile compile
     python benchmarks/bench.py --quick         # tiny model, a smoke test (used by the tests)
 
 Contenders run side by side in one process, alternating, after warm-up; each number is a median.
@@ -23,10 +23,12 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from lora_linear import apply_lora_to_model, lora_layers, mark_only_lora_as_trainable, merge_lora_weights  # noqa: E402
+from lora_linear import apply_lora_to_model, lora_layers, mark_only_lora_as_trainable, merge_and_unload  # noqa: E402
+from lora_linear import merge_lora_weights  # noqa: E402
 from utils import autocast_context, cpu_has_native_bf16, library_versions, machine_description, pick_device  # noqa: E402
 from utils import peak_memory_mb, resolve_precision  # noqa: E402
 
+HF_REFERENCE = os.path.join("benchmarks", "hf_trainer_reference.py")
 ROWS = []  # (section, contender, value, unit, ratio text)
 
 
@@ -105,9 +107,19 @@ def peak_memory_during(run, device):
 
 
 def section_step(args, device):
-    """Training step at bert-base dimensions, B=8, S=128."""
-    print("training step (bert-base dims, batch 8, seq 128)")
-    B, S = (8, 128) if not args.quick else (2, 16)
+    """Training step at bert-base dimensions, B=8, S=128; on a GPU also B=64, S=256, where the GPU is busy
+    enough for precision to matter (at B=8 it mostly waits for Python to launch kernels)."""
+    shapes = [(8, 128)] if not args.quick else [(2, 16)]
+    if device.type == "cuda" and not args.quick:
+        shapes.append((64, 256))
+    for B, S in shapes:
+        medians, auto = _step(args, device, B, S, prefix="" if (B, S) == shapes[0] else f"B={B} S={S}: ")
+    _bf16_matmul_note(args, device, auto)
+    return medians
+
+
+def _step(args, device, B, S, prefix):
+    print(f"training step (bert-base dims, batch {B}, seq {S})")
     vocab = 30522 if not args.quick else 1000
     batch = {"input_ids": torch.randint(0, vocab, (B, S), device=device),
              "labels": torch.randint(0, 2, (B,), device=device)}
@@ -138,7 +150,14 @@ def section_step(args, device):
     medians = timed_rounds(contenders, args.rounds, 2, device)
     base = medians["floor: all frozen, grads through every layer"]
     for name, t in medians.items():
-        record("step", name, t * 1000, "ms", f"{t / base:.2f}x floor")
+        record("step", prefix + name, t * 1000, "ms", f"{t / base:.2f}x floor")
+    del floor, ours, full, contenders
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return medians, auto
+
+
+def _bf16_matmul_note(args, device, auto):
     if device.type == "cpu" and auto == "fp32":
         # Why auto stays fp32 here: without native bf16 a bf16 matrix product is emulated. One bert-base
         # sized product (1024 x 768 @ 768 x 768) shows it; a whole bf16 step would take minutes.
@@ -148,7 +167,6 @@ def section_step(args, device):
         record("step", "one 1024x768x768 matmul, fp32", mm["fp32"] * 1000, "ms", "1.00x")
         record("step", "one 1024x768x768 matmul, bf16 (emulated here)", mm["bf16"] * 1000, "ms",
                f"{mm['bf16'] / mm['fp32']:.1f}x fp32")
-    return medians
 
 
 def section_inference(args, device):
@@ -165,14 +183,18 @@ def section_inference(args, device):
     apply_lora_to_model(merged, ["query", "value"], rank=8, alpha=16)
     merged.load_state_dict(unmerged.state_dict())
     merge_lora_weights(merged)
+    unloaded = bert_base(args.quick, device).eval()
+    apply_lora_to_model(unloaded, ["query", "value"], rank=8, alpha=16)
+    unloaded.load_state_dict(unmerged.state_dict())
+    merge_and_unload(unloaded)  # plain nn.Linear layers again: no wrapper call left in the forward
 
     def run(model):
         def call():
             with torch.no_grad():
                 model(input_ids=ids)
         return call
-    medians = timed_rounds({"base model": run(base), "LoRA unmerged": run(unmerged), "LoRA merged": run(merged)},
-                           args.rounds * 2, 3, device)
+    medians = timed_rounds({"base model": run(base), "LoRA unmerged": run(unmerged), "LoRA merged": run(merged),
+                            "LoRA merged and unloaded": run(unloaded)}, args.rounds * 2, 3, device)
     for name, t in medians.items():
         record("inference", name, t * 1000, "ms", f"{t / medians['base model']:.3f}x base")
     return medians
@@ -252,6 +274,15 @@ def section_padding(args, device):
     seed = medians["pad every batch to 128 (the seed)"]
     for name, rate in medians.items():
         record("padding", name, rate, "samples/s", f"{rate / seed:.2f}x the seed")
+    # The work per epoch is set by the tokens computed, padding included: count them over the whole
+    # training set. The real tokens are a floor no batching can go under.
+    everything, _ = tokenize_classification(train, tokenizer, ("sentence", None, "label"), 128)
+    real = sum(len(e["input_ids"]) for e in everything)
+    record("padding", f"real tokens in one epoch of the {len(everything):,} training sentences", real, "tokens")
+    for name, loader in loaders.items():
+        loader = make_loader(everything, loader.collate_fn, 16, True, name.endswith("(this repo)"), 0)
+        computed = sum(batch["input_ids"].numel() for batch in loader)
+        record("padding", f"tokens computed per epoch: {name}", computed, "tokens", f"{computed / real:.2f}x real")
     return medians
 
 
@@ -309,30 +340,74 @@ def _multi(args, device, seq):
 
 
 def section_e2e(args, device):
-    """One epoch on the bundled sentences: this repo's command vs HF Trainer + PEFT vs padding to 128."""
-    print("end to end: one epoch of the 3,600 bundled sentences (MiniLM, r=8 q,v, lr 5e-4, batch 16, fp32)")
+    """One epoch on the bundled sentences: this repo's command vs HF Trainer + PEFT vs padding to 128. Where the
+    auto precision is not fp32 (a GPU), both are also run at that precision."""
+    print("end to end: one epoch of the 3,600 bundled sentences (MiniLM, r=8 q,v, lr 5e-4, batch 16)")
     import tempfile
-    common = ["--epochs", "1", "--lr", "5e-4", "--precision", "fp32"]
+    common = ["--epochs", "1", "--lr", "5e-4", "--device", str(device)]
+    ours, reference = [sys.executable, "train_lora_basic.py", *common], [sys.executable, HF_REFERENCE, *common]
     runs = {
-        "this repo (train_lora_basic.py)": [sys.executable, "train_lora_basic.py", *common],
-        "this repo, padding to 128 (the seed)": [sys.executable, "train_lora_basic.py", *common,
-                                                 "--pad_to_max_length", "--group_by_length", "false"],
-        "HF Trainer + PEFT": [sys.executable, "benchmarks/hf_trainer_reference.py", *common],
+        "this repo (train_lora_basic.py), fp32": (ours + ["--precision", "fp32"], "fp32"),
+        "this repo, padding to 128 (the seed), fp32": (ours + ["--precision", "fp32", "--pad_to_max_length",
+                                                              "--group_by_length", "false"], "fp32"),
+        "HF Trainer + PEFT, fp32": (reference + ["--precision", "fp32"], "fp32"),
     }
+    auto = resolve_precision("auto", device)
+    if auto != "fp32":
+        runs[f"this repo (train_lora_basic.py), auto = {auto}"] = (ours + ["--precision", auto], auto)
+        runs[f"HF Trainer + PEFT, {auto}"] = (reference + ["--precision", auto], auto)
     if args.quick:
-        runs = {k: v + ["--max_train_samples", "64", "--max_eval_samples", "32"] for k, v in runs.items()}
+        runs = {k: (cmd + ["--max_train_samples", "64", "--max_eval_samples", "32"], p) for k, (cmd, p) in runs.items()}
     results = {}
-    for name, cmd in runs.items():
+    for name, (cmd, precision) in runs.items():
         out = tempfile.mkdtemp()
         proc = subprocess.run(cmd + ["--output_dir", out], cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"{name} failed:\n{proc.stderr[-2000:]}")
         with open(os.path.join(out, "training_metrics.json")) as f:
             metrics = json.load(f)
-        results[name] = (metrics["train_time_s"], metrics["best"]["value"])
-    reference = results["HF Trainer + PEFT"][0]
-    for name, (seconds, accuracy) in results.items():
-        record("e2e", name, seconds, "s/epoch", f"{seconds / reference:.2f}x Trainer, accuracy {accuracy:.4f}")
+        results[name] = (metrics["train_time_s"], metrics["best"]["value"], precision)
+    for name, (seconds, accuracy, precision) in results.items():
+        reference_time = results[f"HF Trainer + PEFT, {precision}"][0]
+        record("e2e", name, seconds, "s/epoch", f"{seconds / reference_time:.2f}x Trainer ({precision}), "
+                                                f"accuracy {accuracy:.4f}")
+    return results
+
+
+def section_precision(args, device):
+    """Does mixed precision change the result? The training command (3 epochs, MiniLM on the bundled sentences)
+    at each precision this device is fast at, with the same seeds: best accuracy and time per run."""
+    precisions = ["fp32"]
+    if device.type == "cuda":
+        precisions += (["bf16"] if torch.cuda.is_bf16_supported() else []) + ["fp16"]
+    elif cpu_has_native_bf16():
+        precisions.append("bf16")
+    if len(precisions) == 1 and not args.quick:
+        print("precision: only fp32 is fast on this device (auto = fp32); nothing to compare, skipped")
+        return {}
+    print(f"precision: {', '.join(precisions)} x seeds {args.seeds} (MiniLM, 3 epochs, r=8 q,v, lr 5e-4, batch 16)")
+    import tempfile
+    extra = ["--max_train_samples", "64", "--max_eval_samples", "32", "--epochs", "1"] if args.quick else []
+    results = {}
+    for precision in precisions:
+        for seed in args.seeds:
+            out = tempfile.mkdtemp()
+            cmd = [sys.executable, "train_lora_basic.py", "--precision", precision, "--seed", str(seed),
+                   "--device", str(device), "--output_dir", out, *extra]
+            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+            if proc.returncode != 0:
+                raise RuntimeError(f"{precision} seed {seed} failed:\n{proc.stderr[-2000:]}")
+            with open(os.path.join(out, "training_metrics.json")) as f:
+                metrics = json.load(f)
+            results.setdefault(precision, []).append((metrics["best"]["value"], metrics["train_time_s"]))
+    for precision, runs in results.items():
+        accuracies = [a for a, _ in runs]
+        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        seconds = statistics.median(t for _, t in runs)
+        record("precision", f"{precision}: best accuracy, mean over seeds", statistics.mean(accuracies), "",
+               f"std {spread:.4f}; seeds {' '.join(map(str, args.seeds))}: {', '.join(f'{a:.4f}' for a in accuracies)}")
+        record("precision", f"{precision}: training time (median)", seconds, "s",
+               f"{seconds / statistics.median(t for _, t in results['fp32']):.2f}x fp32")
     return results
 
 
@@ -401,8 +476,8 @@ def section_compile(args, device):
 
 
 SECTIONS = {"step": section_step, "inference": section_inference, "memory": section_memory,
-            "padding": section_padding, "multi": section_multi, "e2e": section_e2e, "profile": section_profile,
-            "compile": section_compile}
+            "padding": section_padding, "multi": section_multi, "e2e": section_e2e, "precision": section_precision,
+            "profile": section_profile, "compile": section_compile}
 
 
 def main(argv=None):
@@ -411,6 +486,7 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true", help="tiny model and few rounds: a smoke test")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="for the precision section")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results.json"))
     args = parser.parse_args(argv)
     if args.quick:

@@ -24,7 +24,8 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--precision", default="fp32", choices=["fp32"])
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"], help="bf16/fp16: a GPU")
+    parser.add_argument("--device", default="auto", help="auto uses the GPU where there is one, like Trainer")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--max_train_samples", type=int, default=None)
     parser.add_argument("--max_eval_samples", type=int, default=None)
@@ -59,7 +60,8 @@ def main():
         output_dir=args.output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=16,
         per_device_eval_batch_size=64, learning_rate=args.lr, warmup_steps=int(0.1 * steps), weight_decay=0.01,
         max_grad_norm=1.0, lr_scheduler_type="linear", eval_strategy="epoch", save_strategy="no",
-        logging_steps=20, seed=args.seed, report_to=[], use_cpu=not torch.cuda.is_available(),
+        logging_steps=20, seed=args.seed, report_to=[], use_cpu=args.device == "cpu" or not torch.cuda.is_available(),
+        bf16=args.precision == "bf16", fp16=args.precision == "fp16",
         dataloader_num_workers=0, disable_tqdm=True)
     trainer = Trainer(model=model, args=training_args, train_dataset=Dataset.from_list(train),
                       eval_dataset=Dataset.from_list(evaluation), data_collator=DataCollatorWithPadding(tokenizer),

@@ -119,3 +119,17 @@ def test_peft_saved_adapter_loads_by_name(ids, tmp_path):
         mixed = multi(input_ids=ids).logits
     torch.testing.assert_close(mixed[[0, 2]], expected[[0, 2]], rtol=0, atol=1e-5)
     torch.testing.assert_close(mixed[1], single("llama", ours["a"], ids)[1], rtol=0, atol=1e-5)
+
+
+def test_mixed_batch_on_a_bf16_base_matches_single_adapters_on_it(ids, tmp_path):
+    dirs = make_adapters("bert", tmp_path, SPECS["bert"])  # fp32 adapters and heads
+    multi = MultiAdapterModel(BUILDERS["bert"]().to(torch.bfloat16))
+    for name, folder in dirs.items():
+        multi.load_adapter(name, folder)
+    choice = ["b", None, "a"]
+    with multi.rows(choice):
+        mixed = multi(input_ids=ids).logits
+    for row, name in enumerate(choice):
+        alone = BUILDERS["bert"]().to(torch.bfloat16)
+        alone = load_adapter(alone, dirs[name]) if name else alone
+        torch.testing.assert_close(mixed[row].float(), model_output(alone.eval(), ids)[row].float(), rtol=0, atol=2e-2)
