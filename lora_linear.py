@@ -27,6 +27,7 @@ import math
 import os
 import re
 import warnings
+from collections import Counter
 from contextlib import contextmanager
 
 import torch
@@ -212,11 +213,12 @@ def find_target_modules(model, target_modules=None):
 
 
 def apply_lora_to_model(model, target_modules=None, rank=8, alpha=16.0, dropout=0.0,
-                        init_B="zeros", scaling_mode="standard"):
+                        init_B="zeros", scaling_mode="standard", rank_pattern=None, alpha_pattern=None):
     """Replace the target layers of `model` by LinearWithLoRA, in place, and return the model.
 
     target_modules: None (per-architecture default), 'all' (every Linear/Conv1D but the output head),
     or names matched by PEFT's exact name-or-suffix rule. Layers already wrapped are left as they are.
+    rank_pattern / alpha_pattern: {layer name or its ending: value} overrides per layer, as in PEFT.
     """
     names = find_target_modules(model, target_modules)
     wrapped = {n for n, _ in lora_layers(model)}
@@ -225,7 +227,8 @@ def apply_lora_to_model(model, target_modules=None, rank=8, alpha=16.0, dropout=
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
-        setattr(parent, child, LinearWithLoRA(getattr(parent, child), rank, alpha, dropout, init_B, scaling_mode))
+        r, a = pattern_value(rank_pattern, name, rank), pattern_value(alpha_pattern, name, alpha)
+        setattr(parent, child, LinearWithLoRA(getattr(parent, child), r, a, dropout, init_B, scaling_mode))
     # Remember what was done: saving an adapter needs it (PEFT's adapter_config.json).
     model.lora_config = {"r": rank, "lora_alpha": float(alpha), "lora_dropout": float(dropout),
                          "target_modules": _compact_targets(model), "use_rslora": scaling_mode == "rslora",
@@ -233,6 +236,15 @@ def apply_lora_to_model(model, target_modules=None, rank=8, alpha=16.0, dropout=
                          "bias": getattr(model, "lora_config", {}).get("bias", "none"),
                          "modules_to_save": getattr(model, "lora_config", {}).get("modules_to_save")}
     return model
+
+
+def pattern_value(patterns, layer_name, default):
+    """PEFT's rank_pattern / alpha_pattern rule: the first key that matches the end of the layer name
+    (a regular expression, at a dot boundary) gives the value; no match gives the default."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", layer_name):
+            return value
+    return default
 
 
 def _compact_targets(model):
@@ -380,9 +392,16 @@ def save_adapter(model, output_dir, base_model_name_or_path=None, task_type=None
     os.makedirs(output_dir, exist_ok=True)
     tensors = {_to_peft_key(k): v.detach().to("cpu").contiguous() for k, v in get_lora_state_dict(model).items()}
     # scaling 'none' (s = 1) has no PEFT spelling, but alpha = r under the standard rule is the same thing
-    alpha = float(config["r"]) if config["scaling_mode"] == "none" else config["lora_alpha"]
+    ranks = {n: layer.lora.rank for n, layer in lora_layers(model)}
+    alphas = {n: float(layer.lora.rank) if layer.lora.scaling_mode == "none" else layer.lora.alpha
+              for n, layer in lora_layers(model)}
+    # The most common rank and alpha are the defaults; layers that differ (a per-layer budget) are listed
+    # by full name in PEFT's rank_pattern / alpha_pattern.
+    rank, alpha = (Counter(v.values()).most_common(1)[0][0] for v in (ranks, alphas))
     peft_config = {
-        "peft_type": "LORA", "task_type": task_type, "r": config["r"], "lora_alpha": alpha,
+        "peft_type": "LORA", "task_type": task_type, "r": rank, "lora_alpha": alpha,
+        "rank_pattern": {n: r for n, r in ranks.items() if r != rank},
+        "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
         "lora_dropout": config["lora_dropout"], "target_modules": config["target_modules"],
         "modules_to_save": config.get("modules_to_save"), "bias": config.get("bias", "none"),
         "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in lora_layers(model)),
@@ -410,7 +429,7 @@ def read_adapter_config(adapter_dir):
     if not isinstance(config, dict) or config.get("peft_type") != "LORA":
         found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
         raise AdapterError(f"{path} is not a LoRA config (peft_type={found!r}); only LoRA adapters load here")
-    unsupported = [k for k in ("use_dora", "rank_pattern", "alpha_pattern", "layers_to_transform")
+    unsupported = [k for k in ("use_dora", "layers_to_transform")
                    if config.get(k)]
     if unsupported:
         raise AdapterError(f"{path} uses {', '.join(unsupported)}, which this hand-written LoRA does not implement")
@@ -441,7 +460,8 @@ def load_adapter(model, adapter_dir):
     if not lora_layers(model):
         apply_lora_to_model(model, config["target_modules"], config["r"], config["lora_alpha"],
                             config.get("lora_dropout") or 0.0,
-                            scaling_mode="rslora" if config.get("use_rslora") else "standard")
+                            scaling_mode="rslora" if config.get("use_rslora") else "standard",
+                            rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"))
         mark_only_lora_as_trainable(model, config.get("bias") or "none",
                                     [m for m in config.get("modules_to_save") or []
                                      if isinstance(getattr(model, m, None), nn.Module)])

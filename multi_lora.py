@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_linear import AdapterError, Conv1D, LinearWithLoRA, find_target_modules, lora_layers, read_adapter
+from lora_linear import (AdapterError, Conv1D, LinearWithLoRA, find_target_modules, lora_layers, pattern_value,
+                         read_adapter)
 
 
 class LoRABank(nn.Module):
@@ -118,7 +119,6 @@ class MultiAdapterModel:
         if name in self.names:
             raise ValueError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
         config, state = read_adapter(adapter_dir)
-        scaling = config["lora_alpha"] / (config["r"] ** 0.5 if config.get("use_rslora") else config["r"])
         targets = find_target_modules(self.model, config["target_modules"])
         heads = [m for m in config.get("modules_to_save") or [] if isinstance(getattr(self.model, m, None), nn.Module)]
         self._check_shapes(name, state, targets, heads)
@@ -130,7 +130,9 @@ class MultiAdapterModel:
                 self._wrap_head(head)
         for layer_name, bank in self.banks.items():
             A, B = state.get(f"{layer_name}.lora.lora_A"), state.get(f"{layer_name}.lora.lora_B")
-            bank.add(A, B, scaling if A is not None else 0.0)
+            rank = pattern_value(config.get("rank_pattern"), layer_name, config["r"])
+            alpha = pattern_value(config.get("alpha_pattern"), layer_name, config["lora_alpha"])
+            bank.add(A, B, alpha / (rank ** 0.5 if config.get("use_rslora") else rank) if A is not None else 0.0)
         for head_name, bank in self.heads.items():
             bank.add(state.get(f"{head_name}.weight"), state.get(f"{head_name}.bias"))
         self.names.append(name)

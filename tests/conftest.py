@@ -53,6 +53,18 @@ def randomize_lora_B(model, seed=1, std=0.1):
             layer.lora.lora_B.copy_(torch.randn(layer.lora.lora_B.shape, generator=gen) * std)
 
 
+def saved_peft_adapter(model, config, folder):
+    """A PEFT LoRA model with random B (so the adapter does something), saved by PEFT; returns the model."""
+    import peft
+    peft_model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.1)
+    peft_model.eval().save_pretrained(folder)
+    return peft_model
+
+
 @pytest.fixture
 def ids():
     return torch.randint(1, VOCAB, (3, 11), generator=torch.Generator().manual_seed(0))

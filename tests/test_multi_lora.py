@@ -1,7 +1,7 @@
 """Several adapters on one base model: swap, base only, and per-row adapters in one batch."""
 import pytest
 import torch
-from conftest import BUILDERS, model_output, randomize_lora_B
+from conftest import BUILDERS, model_output, randomize_lora_B, saved_peft_adapter
 
 from lora_linear import apply_lora_to_model, load_adapter, mark_only_lora_as_trainable, merge_lora_weights, save_adapter
 from multi_lora import MultiAdapterModel
@@ -105,14 +105,8 @@ def test_ten_adapters_cost_the_base_plus_ten_small_adapters(tmp_path):
 
 def test_peft_saved_adapter_loads_by_name(ids, tmp_path):
     peft = pytest.importorskip("peft")
-    peft_model = peft.get_peft_model(BUILDERS["llama"](), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj",
-                                                                                                          "k_proj"]))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(std=0.1)
-    expected = model_output(peft_model.eval(), ids)
-    peft_model.save_pretrained(tmp_path / "from_peft")
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj"])
+    expected = model_output(saved_peft_adapter(BUILDERS["llama"](), config, tmp_path / "from_peft"), ids)
     ours = make_adapters("llama", tmp_path, SPECS["llama"][:1])
     multi = MultiAdapterModel(BUILDERS["llama"]()).load_adapter("ours", ours["a"]).load_adapter("peft", tmp_path / "from_peft")
     with multi.rows(["peft", "ours", "peft"]):
