@@ -29,7 +29,8 @@ from data import build_datasets, load_splits, make_loader
 from lora_linear import apply_lora_to_model, count_lora_parameters, load_adapter, mark_only_lora_as_trainable, save_adapter
 from utils import (ConfigError, autocast_context, build_arg_parser, expand_target_modules, format_parameter_table,
                    library_versions, load_base_model, load_config, machine_description, peak_memory_mb, pick_device,
-                   plot_training_curves, resolve_precision, set_seed, trainable_to_fp32, write_json_atomic)
+                   plot_training_curves, resolve_precision, set_seed, trainable_to_fp32, write_json_atomic,
+                   write_text_atomic)
 
 log = logging.getLogger("train_lora")
 STOP_REQUESTED = False  # set by Ctrl-C (or a callback); checked after every optimizer step
@@ -303,7 +304,23 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
                 save_adapter(model, output_dir, base_model_name_or_path=model_provenance["used"])
                 log.info(f"new best eval {metric} {value:.4f}: adapter saved to {output_dir}")
 
+    # Loss and correct counts are summed on the device and brought to the host once per log line, eval or
+    # checkpoint: reading them every step would make a GPU wait idle while Python prepares the next step.
+    pending, pending_items = torch.zeros(2, dtype=torch.float64, device=device), [0]
+
+    def flush_step_sums():
+        if not pending_items[0]:
+            return
+        loss_sum, correct = pending.tolist()
+        if not math.isfinite(loss_sum):  # checked before any eval or save can see the diverged weights
+            raise TrainingDiverged(f"loss became {loss_sum} by step {state['step']}")
+        for sums in (window, state["epoch_sums"]):
+            sums[0], sums[1], sums[2] = sums[0] + loss_sum, sums[1] + correct, sums[2] + pending_items[0]
+        pending.zero_()
+        pending_items[0] = 0
+
     def run_eval():
+        flush_step_sums()
         result = evaluate(model, eval_loader, task, device, precision, world_size, is_main)
         entry = {"step": state["step"], "epoch": state["epoch"] + 1, **result}
         state["history"]["eval"].append(entry)
@@ -333,19 +350,13 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
                     with autocast_context(precision, device):
                         out = ddp_model(**batch)
                     loss = out.loss
-                    if not torch.isfinite(loss):
-                        raise TrainingDiverged(f"loss became {loss.item()} at step {state['step'] + 1}")
                     scaled = loss / accumulation
                     (scaler.scale(scaled) if scaler else scaled).backward()
                 items = batch["labels"].shape[0]
-                window[0] += loss.item() * items
-                window[2] += items
-                state["epoch_sums"][0] += loss.item() * items
-                state["epoch_sums"][2] += items
+                pending[0] += loss.detach().double() * items
                 if task == "classification":
-                    correct = (out.logits.argmax(-1) == batch["labels"]).sum().item()
-                    window[1] += correct
-                    state["epoch_sums"][1] += correct
+                    pending[1] += (out.logits.argmax(-1) == batch["labels"]).sum()
+                pending_items[0] += items
                 if not last_micro:
                     continue
                 if scaler:
@@ -360,6 +371,7 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
                 optimizer.zero_grad(set_to_none=True)
                 state["step"] += 1
                 if state["step"] % training["logging_steps"] == 0 or state["step"] == total_steps:
+                    flush_step_sums()
                     entry = {"step": state["step"], "epoch": state["epoch"] + 1, "loss": window[0] / window[2],
                              "lr": scheduler.get_last_lr()[0]}
                     if task == "classification":
@@ -372,13 +384,14 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
                         for k in ("loss", "accuracy", "lr"):
                             if k in entry:
                                 writer.add_scalar(f"train/{k}", entry[k], state["step"])
-                    window = [0.0, 0.0, 0]
+                    window[:] = [0.0, 0.0, 0]
                 if training["eval_steps"] and state["step"] % training["eval_steps"] == 0:
                     run_eval()
                 for callback in callbacks:
                     callback(state)
                 if STOP_REQUESTED or (training["max_steps"] and state["step"] >= total_steps):
                     break
+            flush_step_sums()
             if STOP_REQUESTED:
                 interrupted = True
                 break
@@ -465,8 +478,7 @@ def finish(config, model, tokenizer, state, counts, provenance, precision, devic
         f"Model: {provenance['model']['used']} [{provenance['model']['source']}]",
         f"Data: {provenance['data'].get('dataset', '')} [{provenance['data']['source']}]",
     ])
-    with open(os.path.join(output_dir, "model_comparison.txt"), "w") as f:
-        f.write(comparison + "\n")
+    write_text_atomic(os.path.join(output_dir, "model_comparison.txt"), comparison + "\n")
     if os.path.isdir(os.path.join(output_dir, "checkpoint")):
         shutil.rmtree(os.path.join(output_dir, "checkpoint"))  # finished: the adapters above are the result
     log.info(f"best eval {metric}: {state['best']['value']:.4f} (epoch {state['best']['epoch']}); "

@@ -496,11 +496,15 @@ def plot_training_curves(history, path, metric_name):
     os.replace(path + ".tmp.png", path)
 
 
-def write_json_atomic(path, data):
+def write_text_atomic(path, text):
+    """Write to a temporary name, then rename: a reader or a crash never sees half a file."""
     with open(path + ".tmp", "w") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
+        f.write(text)
     os.replace(path + ".tmp", path)
+
+
+def write_json_atomic(path, data):
+    write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
 # ----------------------------------------------------------------------------- compare_ranks

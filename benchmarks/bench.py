@@ -2,7 +2,9 @@
 Speed and memory of this repo's LoRA against what users would pick instead. One command:
 
     python benchmarks/bench.py                 # everything below, then a table (several minutes on 2 cores)
-    python benchmarks/bench.py --only step     # one section: step inference memory padding multi e2e precision profile compile
+    python benchmarks/bench.py --only step     # a subset of: step inference memory padding multi e2e precision
+                                               #              profile compile
+    python benchmarks/bench.py --device cuda   # on the GPU (adds a larger step shape and the auto precision runs)
     python benchmarks/bench.py --quick         # tiny model, a smoke test (used by the tests)
 
 Contenders run side by side in one process, alternating, after warm-up; each number is a median.
