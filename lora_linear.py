@@ -60,6 +60,11 @@ class AdapterError(ValueError):
 
 # ----------------------------------------------------------------------------- the low-rank update
 
+def lora_scaling(rank, alpha, scaling_mode="standard"):
+    """s in h = W0 x + s B A x: alpha / r (the paper), alpha / sqrt(r) (rsLoRA), or 1."""
+    return {"standard": alpha / rank, "rslora": alpha / math.sqrt(rank), "none": 1.0}[scaling_mode]
+
+
 class LoRALayer(nn.Module):
     """The update alone: x -> s * B(A(dropout(x))). Section 4.1 of the paper."""
 
@@ -76,7 +81,7 @@ class LoRALayer(nn.Module):
             raise ValueError(f"init_B must be one of {B_INITS} and scaling_mode one of {SCALING_MODES}, "
                              f"got {init_B!r}, {scaling_mode!r}")
         self.rank, self.alpha, self.init_B, self.scaling_mode = rank, float(alpha), init_B, scaling_mode
-        self.scaling = {"standard": alpha / rank, "rslora": alpha / math.sqrt(rank), "none": 1.0}[scaling_mode]
+        self.scaling = lora_scaling(rank, alpha, scaling_mode)
         self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -392,9 +397,10 @@ def save_adapter(model, output_dir, base_model_name_or_path=None, task_type=None
     os.makedirs(output_dir, exist_ok=True)
     tensors = {_to_peft_key(k): v.detach().to("cpu").contiguous() for k, v in get_lora_state_dict(model).items()}
     # scaling 'none' (s = 1) has no PEFT spelling, but alpha = r under the standard rule is the same thing
-    ranks = {n: layer.lora.rank for n, layer in lora_layers(model)}
+    layers = lora_layers(model)
+    ranks = {n: layer.lora.rank for n, layer in layers}
     alphas = {n: float(layer.lora.rank) if layer.lora.scaling_mode == "none" else layer.lora.alpha
-              for n, layer in lora_layers(model)}
+              for n, layer in layers}
     # The most common rank and alpha are the defaults; layers that differ (a per-layer budget) are listed
     # by full name in PEFT's rank_pattern / alpha_pattern.
     rank, alpha = (Counter(v.values()).most_common(1)[0][0] for v in (ranks, alphas))
@@ -404,7 +410,7 @@ def save_adapter(model, output_dir, base_model_name_or_path=None, task_type=None
         "alpha_pattern": {n: a for n, a in alphas.items() if a != alpha},
         "lora_dropout": config["lora_dropout"], "target_modules": config["target_modules"],
         "modules_to_save": config.get("modules_to_save"), "bias": config.get("bias", "none"),
-        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in lora_layers(model)),
+        "fan_in_fan_out": any(layer.fan_in_fan_out for _, layer in layers),
         "use_rslora": config["use_rslora"], "init_lora_weights": True, "use_dora": False,
         "inference_mode": True, "base_model_name_or_path": base_model_name_or_path,
     }

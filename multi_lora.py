@@ -21,8 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_linear import (AdapterError, Conv1D, LinearWithLoRA, find_target_modules, lora_layers, pattern_value,
-                         read_adapter)
+from lora_linear import (AdapterError, Conv1D, LinearWithLoRA, find_target_modules, lora_layers, lora_scaling,
+                         pattern_value, read_adapter)
 
 
 class LoRABank(nn.Module):
@@ -132,7 +132,8 @@ class MultiAdapterModel:
             A, B = state.get(f"{layer_name}.lora.lora_A"), state.get(f"{layer_name}.lora.lora_B")
             rank = pattern_value(config.get("rank_pattern"), layer_name, config["r"])
             alpha = pattern_value(config.get("alpha_pattern"), layer_name, config["lora_alpha"])
-            bank.add(A, B, alpha / (rank ** 0.5 if config.get("use_rslora") else rank) if A is not None else 0.0)
+            scaling = lora_scaling(rank, alpha, "rslora" if config.get("use_rslora") else "standard")
+            bank.add(A, B, scaling if A is not None else 0.0)
         for head_name, bank in self.heads.items():
             bank.add(state.get(f"{head_name}.weight"), state.get(f"{head_name}.bias"))
         self.names.append(name)

@@ -306,18 +306,19 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
 
     # Loss and correct counts are summed on the device and brought to the host once per log line, eval or
     # checkpoint: reading them every step would make a GPU wait idle while Python prepares the next step.
-    pending, pending_items = torch.zeros(2, dtype=torch.float64, device=device), [0]
+    pending, pending_items = torch.zeros(2, dtype=torch.float64, device=device), 0
 
     def flush_step_sums():
-        if not pending_items[0]:
+        nonlocal pending_items
+        if not pending_items:
             return
         loss_sum, correct = pending.tolist()
         if not math.isfinite(loss_sum):  # checked before any eval or save can see the diverged weights
             raise TrainingDiverged(f"loss became {loss_sum} by step {state['step']}")
         for sums in (window, state["epoch_sums"]):
-            sums[0], sums[1], sums[2] = sums[0] + loss_sum, sums[1] + correct, sums[2] + pending_items[0]
+            sums[0], sums[1], sums[2] = sums[0] + loss_sum, sums[1] + correct, sums[2] + pending_items
         pending.zero_()
-        pending_items[0] = 0
+        pending_items = 0
 
     def run_eval():
         flush_step_sums()
@@ -356,7 +357,7 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
                 pending[0] += loss.detach().double() * items
                 if task == "classification":
                     pending[1] += (out.logits.argmax(-1) == batch["labels"]).sum()
-                pending_items[0] += items
+                pending_items += items
                 if not last_micro:
                     continue
                 if scaler:

@@ -248,8 +248,8 @@ def section_padding(args, device):
     folder = assets.model_dir("minilm")
     tokenizer = AutoTokenizer.from_pretrained(folder)
     train, _ = assets.rotten_tomatoes()
-    rows = train[:64 if args.quick else 640]
-    examples, _ = tokenize_classification(rows, tokenizer, ("sentence", None, "label"), 128)
+    everything, _ = tokenize_classification(train, tokenizer, ("sentence", None, "label"), 128)
+    examples = everything[:64 if args.quick else 640]
     torch.manual_seed(0)
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2).to(device).train()
     mark_only_lora_as_trainable(apply_lora_to_model(model, ["query", "value"], rank=8, alpha=16))
@@ -278,7 +278,6 @@ def section_padding(args, device):
         record("padding", name, rate, "samples/s", f"{rate / seed:.2f}x the seed")
     # The work per epoch is set by the tokens computed, padding included: count them over the whole
     # training set. The real tokens are a floor no batching can go under.
-    everything, _ = tokenize_classification(train, tokenizer, ("sentence", None, "label"), 128)
     real = sum(len(e["input_ids"]) for e in everything)
     record("padding", f"real tokens in one epoch of the {len(everything):,} training sentences", real, "tokens")
     for name, loader in loaders.items():
@@ -341,11 +340,21 @@ def _multi(args, device, seq):
     return medians
 
 
+def run_training_command(cmd, label):
+    """Run a training script (this repo's or the Trainer reference) into a fresh folder; its training_metrics.json."""
+    import tempfile
+    out = tempfile.mkdtemp()
+    proc = subprocess.run(cmd + ["--output_dir", out], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{label} failed:\n{proc.stderr[-2000:]}")
+    with open(os.path.join(out, "training_metrics.json")) as f:
+        return json.load(f)
+
+
 def section_e2e(args, device):
     """One epoch on the bundled sentences: this repo's command vs HF Trainer + PEFT vs padding to 128. Where the
     auto precision is not fp32 (a GPU), both are also run at that precision."""
     print("end to end: one epoch of the 3,600 bundled sentences (MiniLM, r=8 q,v, lr 5e-4, batch 16)")
-    import tempfile
     common = ["--epochs", "1", "--lr", "5e-4", "--device", str(device)]
     ours, reference = [sys.executable, "train_lora_basic.py", *common], [sys.executable, HF_REFERENCE, *common]
     runs = {
@@ -362,12 +371,7 @@ def section_e2e(args, device):
         runs = {k: (cmd + ["--max_train_samples", "64", "--max_eval_samples", "32"], p) for k, (cmd, p) in runs.items()}
     results = {}
     for name, (cmd, precision) in runs.items():
-        out = tempfile.mkdtemp()
-        proc = subprocess.run(cmd + ["--output_dir", out], cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{name} failed:\n{proc.stderr[-2000:]}")
-        with open(os.path.join(out, "training_metrics.json")) as f:
-            metrics = json.load(f)
+        metrics = run_training_command(cmd, name)
         results[name] = (metrics["train_time_s"], metrics["best"]["value"], precision)
     for name, (seconds, accuracy, precision) in results.items():
         reference_time = results[f"HF Trainer + PEFT, {precision}"][0]
@@ -388,28 +392,22 @@ def section_precision(args, device):
         print("precision: only fp32 is fast on this device (auto = fp32); nothing to compare, skipped")
         return {}
     print(f"precision: {', '.join(precisions)} x seeds {args.seeds} (MiniLM, 3 epochs, r=8 q,v, lr 5e-4, batch 16)")
-    import tempfile
     extra = ["--max_train_samples", "64", "--max_eval_samples", "32", "--epochs", "1"] if args.quick else []
     results = {}
     for precision in precisions:
         for seed in args.seeds:
-            out = tempfile.mkdtemp()
             cmd = [sys.executable, "train_lora_basic.py", "--precision", precision, "--seed", str(seed),
-                   "--device", str(device), "--output_dir", out, *extra]
-            proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{precision} seed {seed} failed:\n{proc.stderr[-2000:]}")
-            with open(os.path.join(out, "training_metrics.json")) as f:
-                metrics = json.load(f)
+                   "--device", str(device), *extra]
+            metrics = run_training_command(cmd, f"{precision} seed {seed}")
             results.setdefault(precision, []).append((metrics["best"]["value"], metrics["train_time_s"]))
+    fp32_seconds = statistics.median(t for _, t in results["fp32"])
     for precision, runs in results.items():
         accuracies = [a for a, _ in runs]
         spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
         seconds = statistics.median(t for _, t in runs)
         record("precision", f"{precision}: best accuracy, mean over seeds", statistics.mean(accuracies), "",
                f"std {spread:.4f}; seeds {' '.join(map(str, args.seeds))}: {', '.join(f'{a:.4f}' for a in accuracies)}")
-        record("precision", f"{precision}: training time (median)", seconds, "s",
-               f"{seconds / statistics.median(t for _, t in results['fp32']):.2f}x fp32")
+        record("precision", f"{precision}: training time (median)", seconds, "s", f"{seconds / fp32_seconds:.2f}x fp32")
     return results
 
 

@@ -96,10 +96,10 @@ def test_merge_unmerge_and_adapter_round_trip_on_cuda(arch, ids, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["bert", "gpt2"])
-def test_mixed_batch_on_cuda_equals_each_row_alone(arch, ids, tmp_path):
+def test_mixed_batch_on_cuda_equals_each_row_alone(arch, ids, tmp_path, monkeypatch):
     from test_multi_lora import SPECS, make_adapters
     from multi_lora import MultiAdapterModel
-    torch.backends.cuda.matmul.allow_tf32 = False  # the 1e-5 contract is for fp32 arithmetic
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)  # the 1e-5 contract is for fp32 arithmetic
     dirs = make_adapters(arch, tmp_path, SPECS[arch])  # bert: each adapter has its own classifier head
     multi = MultiAdapterModel(BUILDERS[arch]().to(CUDA))
     for name, folder in dirs.items():
