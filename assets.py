@@ -146,7 +146,7 @@ def model_dir(name):
 
 def _smollm2_as_hf_folder():
     """Dequantize the GGUF once into a cached HF folder (save_pretrained refuses a GGUF-loaded model)."""
-    target = os.path.join(cache_dir(), "smollm2-135m-instruct-hf")
+    target = os.path.join(cache_dir(), "smollm2-135m-instruct-hf-v2")  # v2: no quantization_config
     if os.path.isfile(os.path.join(target, ".complete")):
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -154,7 +154,12 @@ def _smollm2_as_hf_folder():
     gguf = "SmolLM2-135M-Instruct.Q4_1.gguf"
     print("[assets] converting SmolLM2 GGUF to a Hugging Face folder (once, about 30 s)", flush=True)
     loaded = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf, dtype="float32")
-    plain = AutoModelForCausalLM.from_config(loaded.config, dtype="float32")
+    config = loaded.config
+    # The GGUF quantization_config would travel with the folder and re-attach transformers' GGUF quantizer
+    # on every later load, although the saved weights are plain fp32: drop it.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype="float32")
     plain.load_state_dict(loaded.state_dict())
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf)
     staging = tempfile.mkdtemp(dir=cache_dir())

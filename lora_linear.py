@@ -46,12 +46,24 @@ SCALING_MODES = ("standard", "rslora", "none")
 B_INITS = ("zeros", "kaiming")
 BIAS_MODES = ("none", "all", "lora_only")
 HEAD_NAMES = ("classifier", "score")  # sequence-classification heads: new and random, so they must train
-DEFAULT_TARGETS = {  # the paper adapts W_q and W_v (Section 7.1)
-    "bert": ["query", "value"], "roberta": ["query", "value"], "xlm-roberta": ["query", "value"],
-    "electra": ["query", "value"], "vit": ["q_proj", "v_proj"], "distilbert": ["q_lin", "v_lin"],
-    "gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
+
+# The attention projections W_q, W_k, W_v, W_o (Section 4.2) by one generic name on every architecture.
+# Llama, Mistral, Qwen2 and ViT already use these names. A (layer, part, parts) entry is one slice of a
+# fused projection: GPT-2 computes q, k and v with a single c_attn (768 -> 3 x 768), so "q_proj" on GPT-2
+# is the first third of c_attn's output, as in loralib's MergedLinear(enable_lora=[True, False, True]).
+ROLES = ("q_proj", "k_proj", "v_proj", "o_proj")
+ROLE_ALIASES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}
+_BERT_ROLES = {"q_proj": "query", "k_proj": "key", "v_proj": "value", "o_proj": "attention.output.dense"}
+ROLE_LAYERS = {
+    "bert": _BERT_ROLES, "roberta": _BERT_ROLES, "xlm-roberta": _BERT_ROLES, "electra": _BERT_ROLES,
+    "distilbert": {"q_proj": "q_lin", "k_proj": "k_lin", "v_proj": "v_lin", "o_proj": "out_lin"},
+    "gpt2": {"q_proj": ("c_attn", 0, 3), "k_proj": ("c_attn", 1, 3), "v_proj": ("c_attn", 2, 3),
+             "o_proj": "attn.c_proj"},
 }
+DEFAULT_ROLES = ("q_proj", "v_proj")  # the paper adapts W_q and W_v (Section 7.1)
+# GPT-2 defaults to its whole c_attn, the course's setup: the same 294,912 parameters at r=8 on GPT-2 small
+# as the q and v thirds, with k adapted too. Pass q_proj v_proj for the paper's exact setup.
+DEFAULT_TARGETS = {"gpt2": ("c_attn",)}
 
 
 class AdapterError(ValueError):
@@ -66,10 +78,15 @@ def lora_scaling(rank, alpha, scaling_mode="standard"):
 
 
 class LoRALayer(nn.Module):
-    """The update alone: x -> s * B(A(dropout(x))). Section 4.1 of the paper."""
+    """The update alone: x -> s * B(A(dropout(x))). Section 4.1 of the paper.
+
+    parts (fused projections only): which equal slices of the output get an update, e.g. (True, False, True)
+    for the q and v thirds of GPT-2's c_attn. Each enabled slice has its own rank-r pair (A_i, B_i), stacked
+    as A (n*r, in) and B (n*out/parts, r); the disabled slices get exactly zero, so their output is the base's.
+    """
 
     def __init__(self, in_features, out_features, rank=8, alpha=16.0, dropout=0.0,
-                 init_B="zeros", scaling_mode="standard", device=None, dtype=None):
+                 init_B="zeros", scaling_mode="standard", device=None, dtype=None, parts=None):
         super().__init__()
         if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
@@ -82,8 +99,13 @@ class LoRALayer(nn.Module):
                              f"got {init_B!r}, {scaling_mode!r}")
         self.rank, self.alpha, self.init_B, self.scaling_mode = rank, float(alpha), init_B, scaling_mode
         self.scaling = lora_scaling(rank, alpha, scaling_mode)
-        self.lora_A = nn.Parameter(torch.empty(rank, in_features, device=device, dtype=dtype))
-        self.lora_B = nn.Parameter(torch.empty(out_features, rank, device=device, dtype=dtype))
+        self.parts = tuple(parts) if parts is not None else None
+        enabled = sum(self.parts) if self.parts else 1
+        if self.parts and (out_features % len(self.parts) or not enabled):
+            raise ValueError(f"parts {parts} must split {out_features} outputs evenly and enable at least one")
+        self.out_features, self.part_size = out_features, out_features // len(self.parts or (1,))
+        self.lora_A = nn.Parameter(torch.empty(enabled * rank, in_features, device=device, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.empty(enabled * self.part_size, rank, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
 
@@ -94,13 +116,61 @@ class LoRALayer(nn.Module):
         else:
             nn.init.kaiming_uniform_(self.lora_B, a=math.sqrt(5))  # the ablation: a random start
 
+    def _fill_parts(self, pieces, zeros):
+        """Place the enabled slices' outputs in order, exact zeros in the disabled ones."""
+        pieces = iter(pieces)
+        return torch.cat([next(pieces) if on else zeros for on in self.parts], dim=-1)
+
     def delta_weight(self):
         """s * B A, shape (out, in): what merging adds to W0."""
-        return self.scaling * (self.lora_B @ self.lora_A)
+        if self.parts is None:
+            return self.scaling * (self.lora_B @ self.lora_A)
+        pieces = [B @ A for A, B in zip(self.lora_A.split(self.rank), self.lora_B.split(self.part_size))]
+        zeros = self.lora_A.new_zeros(self.lora_A.shape[1], self.part_size)
+        return self.scaling * self._fill_parts([p.T for p in pieces], zeros).T
 
     def forward(self, x):
         x = self.dropout(x.to(self.lora_A.dtype))
-        return F.linear(F.linear(x, self.lora_A), self.lora_B) * self.scaling
+        after_A = F.linear(x, self.lora_A)
+        if self.parts is None:
+            return F.linear(after_A, self.lora_B) * self.scaling
+        pieces = [F.linear(a, B) for a, B in zip(after_A.split(self.rank, -1), self.lora_B.split(self.part_size))]
+        return self._fill_parts(pieces, after_A.new_zeros(*after_A.shape[:-1], self.part_size)) * self.scaling
+
+    # PEFT has no partial fused layers: it stores one dense LoRA of rank n*r whose B is zero outside the
+    # enabled blocks, with alpha chosen so that its scaling equals ours. The function is the same.
+    def peft_rank_alpha(self):
+        """(r, lora_alpha) under which PEFT's scaling rule gives this layer's s."""
+        rank = self.rank * (sum(self.parts) if self.parts else 1)
+        if not self.parts and self.scaling_mode != "none":
+            return rank, self.alpha
+        return rank, self.scaling * (math.sqrt(rank) if self.scaling_mode == "rslora" else rank)
+
+    def peft_B(self):
+        """B as PEFT stores it: (out, n*r), block k of columns feeding the k-th enabled slice."""
+        if self.parts is None:
+            return self.lora_B
+        dense = self.lora_B.new_zeros(self.out_features, self.lora_A.shape[0])
+        slots = [i for i, on in enumerate(self.parts) if on]
+        for k, (i, B) in enumerate(zip(slots, self.lora_B.split(self.part_size))):
+            dense[i * self.part_size:(i + 1) * self.part_size, k * self.rank:(k + 1) * self.rank] = B
+        return dense
+
+    @torch.no_grad()
+    def load_peft_B(self, dense):
+        """The inverse of peft_B; refuses a B with updates outside the enabled blocks."""
+        if self.parts is None:
+            return self.lora_B.copy_(dense)
+        outside = dense.clone()
+        slots = [i for i, on in enumerate(self.parts) if on]
+        for k, i in enumerate(slots):
+            rows, cols = slice(i * self.part_size, (i + 1) * self.part_size), slice(k * self.rank, (k + 1) * self.rank)
+            self.lora_B[k * self.part_size:(k + 1) * self.part_size] = dense[rows, cols]
+            outside[rows, cols] = 0
+        if torch.count_nonzero(outside):
+            raise AdapterError("the adapter updates slices of a fused layer that this model keeps frozen "
+                               "(e.g. GPT-2's k third of c_attn); apply it with the same target_modules")
+        return self.lora_B
 
 
 class LinearWithLoRA(nn.Module):
@@ -110,7 +180,8 @@ class LinearWithLoRA(nn.Module):
     adds the transpose of B A; the adapter itself keeps the same (r, in) / (out, r) orientation.
     """
 
-    def __init__(self, base_layer, rank=8, alpha=16.0, dropout=0.0, init_B="zeros", scaling_mode="standard"):
+    def __init__(self, base_layer, rank=8, alpha=16.0, dropout=0.0, init_B="zeros", scaling_mode="standard",
+                 parts=None):
         super().__init__()
         if isinstance(base_layer, Conv1D):
             in_features, out_features = base_layer.weight.shape
@@ -125,7 +196,8 @@ class LinearWithLoRA(nn.Module):
         weight = base_layer.weight
         # LoRA weights stay at least fp32 even on a half-precision base: small updates vanish in bf16.
         self.lora = LoRALayer(in_features, out_features, rank, alpha, dropout, init_B, scaling_mode,
-                              device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32))
+                              device=weight.device, dtype=torch.promote_types(weight.dtype, torch.float32),
+                              parts=parts)
         self.merged = False
         self.enabled = True  # False: the base layer alone (see lora_disabled)
 
@@ -177,63 +249,92 @@ def _matches(name, target):
     return name == target or name.endswith("." + target)
 
 
-def default_target_modules(model):
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in DEFAULT_TARGETS:
-        raise ValueError(f"no default LoRA targets for model type {model_type!r}: pass target_modules, "
-                         f"e.g. ['q_proj', 'v_proj'] or 'all'")
-    return list(DEFAULT_TARGETS[model_type])
+def _model_type(model):
+    return getattr(getattr(model, "config", None), "model_type", None)
 
 
-def find_target_modules(model, target_modules=None):
-    """Resolve target_modules (None, 'all', a regex string, or a list of names) to a list of module names."""
-    if target_modules is None:
-        target_modules = default_target_modules(model)
+def _role_layers(model):
+    return ROLE_LAYERS.get(_model_type(model), {})
+
+
+def default_targets(model):
+    """What target_modules=None adapts: W_q and W_v (by role), or the architecture's own default."""
+    return list(DEFAULT_TARGETS.get(_model_type(model), DEFAULT_ROLES))
+
+
+def resolve_targets(model, target_modules=None):
+    """{layer name: parts or None}: which layers get LoRA, and for a fused layer which slices (else None).
+
+    target_modules: None (default_targets: W_q and W_v, the paper's choice), 'all' (every Linear/Conv1D but the output head),
+    a regex string over the full name (as PEFT reads a string), or a list of names. A name is a role
+    (q_proj, k_proj, v_proj, o_proj, or q, k, v, o), resolved to this architecture's layer, or a layer name
+    matched by PEFT's exact name-or-suffix rule.
+    """
     wrapped = {n for n, _ in lora_layers(model)}
     inside_wrapper = {n + ".base_layer" for n in wrapped}
     linears = [n for n, m in model.named_modules()
                if isinstance(m, (nn.Linear, Conv1D)) and n not in inside_wrapper]
     if target_modules in ("all", "all-linear"):
         heads = _head_names(model)
-        return [n for n in linears if not any(n == h or n.startswith(h + ".") for h in heads)]
+        return {n: None for n in linears if not any(n == h or n.startswith(h + ".") for h in heads)}
     modules = dict(model.named_modules())
     if isinstance(target_modules, str):  # PEFT reads a string as a regex over the full name
         found = [n for n in modules if re.fullmatch(target_modules, n)]
-        targets, per_target = [target_modules], {target_modules: found}
+        targets, per_target = [target_modules], {target_modules: [(n, None) for n in found]}
     else:
-        targets = list(target_modules)
-        per_target = {t: [n for n in modules if _matches(n, t)] for t in targets}
+        targets = list(default_targets(model) if target_modules is None else target_modules)
+        roles, per_target = _role_layers(model), {}
+        for t in targets:
+            layer = roles.get(ROLE_ALIASES.get(t, t), ROLE_ALIASES.get(t, t))
+            name, part, parts = layer if isinstance(layer, tuple) else (layer, None, None)
+            per_target[t] = [(n, (part, parts) if part is not None else None) for n in modules if _matches(n, name)]
     leaf_names = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in sorted(wrapped) + linears))
     for t in targets:
         if not per_target[t]:
-            raise ValueError(f"target module {t!r} matches no layer. Linear/Conv1D layer names in this "
-                             f"model: {', '.join(leaf_names)}")
-    names = list(dict.fromkeys(n for t in targets for n in per_target[t]))
-    bad = [f"{n} ({type(modules[n]).__name__})" for n in names
+            raise ValueError(f"target module {t!r} matches no layer. Roles (any model): {', '.join(ROLES)} "
+                             f"(or q, k, v, o) and all; layer names in this model: {', '.join(leaf_names)}")
+    selected = {}  # name -> set of slices, or None for the whole layer
+    for t in targets:
+        for name, slice_ in per_target[t]:
+            if slice_ is None or selected.get(name, set()) is None:
+                selected[name] = None
+            else:
+                selected.setdefault(name, set()).add(slice_)
+    bad = [f"{n} ({type(modules[n]).__name__})" for n in selected
            if n not in wrapped and not isinstance(modules[n], (nn.Linear, Conv1D))]
     if bad:
         raise ValueError(f"LoRA wraps only Linear/Conv1D layers, but target_modules also match: "
                          f"{', '.join(bad[:5])}. Name the projections instead: {', '.join(leaf_names)}")
-    return names
+    resolved = {}
+    for name, slices in selected.items():
+        if slices is None or len(slices) == next(iter(slices))[1]:  # every slice: the plain layer
+            resolved[name] = None
+        else:
+            resolved[name] = tuple(any(i == p for p, _ in slices) for i in range(next(iter(slices))[1]))
+    return resolved
+
+
+def find_target_modules(model, target_modules=None):
+    """The names of the layers that target_modules selects (see resolve_targets)."""
+    return list(resolve_targets(model, target_modules))
 
 
 def apply_lora_to_model(model, target_modules=None, rank=8, alpha=16.0, dropout=0.0,
                         init_B="zeros", scaling_mode="standard", rank_pattern=None, alpha_pattern=None):
     """Replace the target layers of `model` by LinearWithLoRA, in place, and return the model.
 
-    target_modules: None (per-architecture default), 'all' (every Linear/Conv1D but the output head),
-    or names matched by PEFT's exact name-or-suffix rule. Layers already wrapped are left as they are.
+    target_modules: see resolve_targets. Layers already wrapped are left as they are.
     rank_pattern / alpha_pattern: {layer name or its ending: value} overrides per layer, as in PEFT.
     """
-    names = find_target_modules(model, target_modules)
+    targets = resolve_targets(model, target_modules)
     wrapped = {n for n, _ in lora_layers(model)}
-    for name in names:
+    for name, parts in targets.items():
         if name in wrapped:
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
         r, a = pattern_value(rank_pattern, name, rank), pattern_value(alpha_pattern, name, alpha)
-        setattr(parent, child, LinearWithLoRA(getattr(parent, child), r, a, dropout, init_B, scaling_mode))
+        setattr(parent, child, LinearWithLoRA(getattr(parent, child), r, a, dropout, init_B, scaling_mode, parts))
     # Remember what was done: saving an adapter needs it (PEFT's adapter_config.json).
     model.lora_config = {"r": rank, "lora_alpha": float(alpha), "lora_dropout": float(dropout),
                          "target_modules": _compact_targets(model), "use_rslora": scaling_mode == "rslora",
@@ -344,7 +445,11 @@ def get_lora_state_dict(model):
     bias = config.get("bias", "none")
     lora_owners = [n + "." for n, _ in lora_layers(model)]
     state = {}
+    for name, layer in lora_layers(model):  # B as PEFT stores it (dense for a fused layer)
+        state[f"{name}.lora.lora_A"], state[f"{name}.lora.lora_B"] = layer.lora.lora_A.detach(), layer.lora.peft_B().detach()
     for name, param in model.named_parameters():
+        if name in state:
+            continue
         if (".lora.lora_" in "." + name or any(name.startswith(k) for k in keep)
                 or (bias == "all" and name.endswith("bias"))
                 or (bias == "lora_only" and name.endswith("bias") and any(name.startswith(o) for o in lora_owners))):
@@ -365,9 +470,13 @@ def load_lora_state_dict(model, state):
     if problems:
         raise AdapterError("adapter does not fit this model; " + "; ".join(problems)
                            + ". Was it trained on a different base model or LoRA config?")
+    fused = {f"{n}.lora.lora_B": layer.lora for n, layer in lora_layers(model) if layer.lora.parts}
     with torch.no_grad():
         for name, value in state.items():
-            expected[name].copy_(value)
+            if name in fused:
+                fused[name].load_peft_B(value)
+            else:
+                expected[name].copy_(value)
     return model
 
 
@@ -396,11 +505,11 @@ def save_adapter(model, output_dir, base_model_name_or_path=None, task_type=None
         task_type = "SEQ_CLS" if config.get("modules_to_save") else "CAUSAL_LM"
     os.makedirs(output_dir, exist_ok=True)
     tensors = {_to_peft_key(k): v.detach().to("cpu").contiguous() for k, v in get_lora_state_dict(model).items()}
-    # scaling 'none' (s = 1) has no PEFT spelling, but alpha = r under the standard rule is the same thing
+    # Scaling 'none' (s = 1) and fused slices have no PEFT spelling; peft_rank_alpha gives the r and alpha
+    # under which PEFT's own rule computes the same s.
     layers = lora_layers(model)
-    ranks = {n: layer.lora.rank for n, layer in layers}
-    alphas = {n: float(layer.lora.rank) if layer.lora.scaling_mode == "none" else layer.lora.alpha
-              for n, layer in layers}
+    ranks = {n: layer.lora.peft_rank_alpha()[0] for n, layer in layers}
+    alphas = {n: float(layer.lora.peft_rank_alpha()[1]) for n, layer in layers}
     # The most common rank and alpha are the defaults; layers that differ (a per-layer budget) are listed
     # by full name in PEFT's rank_pattern / alpha_pattern.
     rank, alpha = (Counter(v.values()).most_common(1)[0][0] for v in (ranks, alphas))

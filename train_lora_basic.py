@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 
 from data import build_datasets, load_splits, make_loader
 from lora_linear import apply_lora_to_model, count_lora_parameters, load_adapter, mark_only_lora_as_trainable, save_adapter
-from utils import (ConfigError, autocast_context, build_arg_parser, expand_target_modules, format_parameter_table,
-                   library_versions, load_base_model, load_config, machine_description, peak_memory_mb, pick_device,
-                   plot_training_curves, resolve_precision, set_seed, trainable_to_fp32, write_json_atomic,
-                   write_text_atomic)
+from utils import (LATEST_RUN_LINK, RESULTS_ROOT, ConfigError, autocast_context, build_arg_parser,
+                   format_parameter_table, library_versions, load_base_model, load_config, machine_description,
+                   peak_memory_mb, pick_device, plot_training_curves, resolve_precision, set_seed, trainable_to_fp32,
+                   write_json_atomic, write_text_atomic)
 
 log = logging.getLogger("train_lora")
 STOP_REQUESTED = False  # set by Ctrl-C (or a callback); checked after every optimizer step
@@ -119,13 +119,37 @@ def setup_logging(output_dir, is_main):
         log.addHandler(h)
 
 
-def _targets_exist(model, targets):
-    from lora_linear import find_target_modules
+def describe_lora_layers(model, compact=False):
+    """What was adapted, e.g. 'c_attn (q, v slices) x 12' for the log, or 'c_attn[q,v]' (compact) for tables."""
+    from collections import Counter
+    from lora_linear import ROLES, lora_layers
+    kinds = Counter()
+    for name, layer in lora_layers(model):
+        parts = layer.lora.parts
+        roles = [role[0] for role, on in zip(ROLES, parts or ()) if on]
+        slices = (f"[{','.join(roles)}]" if compact else f" ({', '.join(roles)} slices)") if parts else ""
+        kinds[name.rsplit(".", 1)[-1] + slices] += 1
+    if compact:
+        return ",".join(kinds)
+    return ", ".join(f"{kind} x {count}" for kind, count in kinds.items())
+
+
+def point_latest_run(output_dir):
+    """Make ./output point at this run when it lives in results/ (the course's `ls -lh output/`)."""
+    if os.path.commonpath([os.path.abspath(output_dir), os.path.abspath(RESULTS_ROOT)]) != os.path.abspath(RESULTS_ROOT):
+        return
+    if os.path.lexists(LATEST_RUN_LINK) and not os.path.islink(LATEST_RUN_LINK):
+        log.info(f"'{LATEST_RUN_LINK}' is a folder of its own, so it is left alone; this run is in {output_dir}")
+        return
+    staging = LATEST_RUN_LINK + ".new-link"
     try:
-        find_target_modules(model, targets)
-        return True
-    except ValueError:
-        return False
+        if os.path.lexists(staging):
+            os.remove(staging)
+        os.symlink(os.path.relpath(output_dir), staging)
+        os.replace(staging, LATEST_RUN_LINK)  # atomic: the link always points at a finished run
+        log.info(f"'{LATEST_RUN_LINK}' now points at {output_dir}")
+    except OSError as e:  # e.g. no symlinks on this file system: the run itself is complete
+        log.info(f"could not point '{LATEST_RUN_LINK}' at {output_dir} ({e})")
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -231,15 +255,11 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
     model, tokenizer, model_provenance = load_base_model(config["model_name"], task, config["num_labels"],
                                                          config["fallback"]["offline_model"], training["base_dtype"])
     lora = config["lora"]
-    targets = expand_target_modules(lora["target_modules"], model)
-    if model_provenance.get("fallback") and targets != "all" and not _targets_exist(model, targets):
-        # e.g. GPT-2's c_attn does not exist in the Llama-style fallback: use that architecture's default
-        log.warning(f"target_modules {targets} do not exist in the fallback model; using its default targets")
-        targets = None
-    try:
-        apply_lora_to_model(model, targets, lora["rank"], lora["alpha"], lora["dropout"], lora["init_B"], lora["scaling"])
-    except ValueError as e:  # a target that matches nothing: the message lists the names that exist
-        raise ConfigError(str(e)) from None
+    try:  # null targets: the family's default; roles (q_proj, v_proj, ...) mean the same on every family
+        apply_lora_to_model(model, lora["target_modules"], lora["rank"], lora["alpha"], lora["dropout"],
+                            lora["init_B"], lora["scaling"])
+    except ValueError as e:  # a target that matches nothing: the message lists the roles and the layer names
+        raise ConfigError(f"{e} (model {model_provenance['used']})") from None
     trainable_to_fp32(mark_only_lora_as_trainable(model, bias=lora["bias"]))
     train_set, eval_set, collate, data_provenance, label_map = build_datasets(config, tokenizer, splits)
     if world_size > 1 and is_main:
@@ -257,7 +277,10 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
         if p.get("fallback"):
             log.warning(f"OFFLINE FALLBACK ({kind}): requested {p['requested']}, used {p.get('used', p.get('dataset'))}; "
                         f"why: {p['reason']}")
-    log.info(f"model: {model_provenance['used']} [{model_provenance['source']}]")
+    log.info(f"model: {model_provenance['used']} [{model_provenance['source']}]; task {task} "
+             f"(decided by {config.get('track', {}).get('decided_by', 'the config')})")
+    log.info(f"LoRA r={lora['rank']} alpha={lora['alpha']:g} on {describe_lora_layers(model)}"
+             + ("" if lora["target_modules"] else " (the family's default targets)"))
     log.info(f"data: {data_provenance.get('dataset', data_provenance['source'])}: {len(train_set)} train / "
              f"{len(eval_set)} eval examples [{data_provenance['source']}]")
     log.info("parameters:\n" + format_parameter_table(counts))
@@ -285,7 +308,7 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
     higher_is_better = metric == "accuracy"
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "epoch_sums": [0.0, 0.0, 0.0],
-             "history": {"train": [], "eval": []}, "epochs": [], "best": None, "train_time_s": 0.0}
+             "history": {"train": [], "eval": []}, "epochs": [], "best": None, "train_time_s": 0.0, "eval_time_s": 0.0}
     if args.resume:
         state = load_checkpoint(output_dir, model, optimizer, scheduler, scaler, config)
         log.info(f"resumed from step {state['step']} (epoch {state['epoch'] + 1}, batch {state['batch_in_epoch']})")
@@ -320,17 +343,26 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
         pending.zero_()
         pending_items = 0
 
-    def run_eval():
+    def run_eval(baseline=False):
         flush_step_sums()
+        eval_start = time.time()
         result = evaluate(model, eval_loader, task, device, precision, world_size, is_main)
+        state["eval_time_s"] = state.get("eval_time_s", 0.0) + time.time() - eval_start
         entry = {"step": state["step"], "epoch": state["epoch"] + 1, **result}
         state["history"]["eval"].append(entry)
-        log.info(f"eval step {state['step']}: loss {result['loss']:.4f}, {metric} {result[metric]:.4f}")
+        log.info(f"eval step {state['step']}{' (before training)' if baseline else ''}: loss {result['loss']:.4f}, "
+                 f"{metric} {result[metric]:.4f}")
         if writer:
             for k, v in result.items():
                 writer.add_scalar(f"eval/{k}", v, state["step"])
-        save_best(result)
+        if not baseline:  # the untrained model is the reference, never the result
+            save_best(result)
         return result
+
+    if state["step"] == 0 and not state["history"]["eval"]:
+        # Step 0: B = 0, so the model is exactly the pretrained one. Its loss and metric are the baseline
+        # that shows what LoRA changed (the curves start here).
+        run_eval(baseline=True)
 
     interrupted, epoch_start = False, time.time()
     window = [0.0, 0.0, 0]  # loss sum, correct, items since the last log line
@@ -448,9 +480,10 @@ def finish(config, model, tokenizer, state, counts, provenance, precision, devic
     peak = peak_memory_mb(device)
     metrics = {
         "best": state["best"], "epochs": state["epochs"], "history": state["history"],
-        "parameters": counts, "precision": precision, "device": str(device),
+        "parameters": counts, "adapted_layers": describe_lora_layers(model, compact=True), "precision": precision, "device": str(device),
         "machine": machine_description(device), "world_size": world_size,
-        "train_time_s": round(state["train_time_s"], 2), "wall_time_s": round(time.time() - start, 2),
+        "train_time_s": round(state["train_time_s"], 2), "eval_time_s": round(state.get("eval_time_s", 0.0), 2),
+        "wall_time_s": round(time.time() - start, 2), "initial_eval": state["history"]["eval"][0],
         "peak_memory_mb": round(peak, 1), "peak_memory_kind": "cuda max allocated" if device.type == "cuda"
         else "process peak RSS", "adapter_bytes": adapter_bytes, "library_versions": library_versions(),
         "label_names": provenance["data"].get("label_names"), "provenance": provenance, "config": config,
@@ -480,8 +513,12 @@ def finish(config, model, tokenizer, state, counts, provenance, precision, devic
         f"Data: {provenance['data'].get('dataset', '')} [{provenance['data']['source']}]",
     ])
     write_text_atomic(os.path.join(output_dir, "model_comparison.txt"), comparison + "\n")
+    point_latest_run(output_dir)
     if os.path.isdir(os.path.join(output_dir, "checkpoint")):
         shutil.rmtree(os.path.join(output_dir, "checkpoint"))  # finished: the adapters above are the result
+    initial = state["history"]["eval"][0]
+    log.info(f"eval {metric} before training {initial[metric]:.4f} -> best {state['best']['value']:.4f} "
+             f"(epoch {state['best']['epoch']}); evaluation took {state.get('eval_time_s', 0.0):.1f} s")
     log.info(f"best eval {metric}: {state['best']['value']:.4f} (epoch {state['best']['epoch']}); "
              f"training time {state['train_time_s']:.1f} s; peak memory {peak:.0f} MB")
     log.info(f"outputs in {output_dir}: adapter_config.json, adapter_model.safetensors, final/, "

@@ -25,7 +25,7 @@ DEFAULT_CONFIG = {
     "num_labels": 2,
     "lora": {
         "rank": 8, "alpha": 16.0, "dropout": 0.05,
-        "target_modules": ["query", "value"],  # names (exact or dotted suffix), q/k/v/o shorthands, or all
+        "target_modules": None,        # null: the family's default (W_q, W_v); roles q_proj k_proj v_proj o_proj, layer names, or all
         "scaling": "standard",         # standard: alpha/r | rslora: alpha/sqrt(r) | none: 1
         "init_B": "zeros",             # zeros (the paper) | kaiming (ablation)
         "bias": "none",                # none | all | lora_only
@@ -34,7 +34,7 @@ DEFAULT_CONFIG = {
         "num_epochs": 3, "batch_size": 16, "eval_batch_size": 64, "learning_rate": 5e-4,
         "max_length": 128, "warmup_ratio": 0.1, "weight_decay": 0.01, "gradient_accumulation_steps": 1,
         "max_grad_norm": 1.0, "precision": "auto", "fp16": False, "bf16": False, "base_dtype": "fp32",
-        "gradient_checkpointing": False, "seed": 42, "logging_steps": 10, "eval_steps": 0,
+        "gradient_checkpointing": False, "seed": 42, "logging_steps": 20, "eval_steps": 0,
         "max_steps": 0, "group_by_length": True, "pad_to_max_length": False, "num_workers": 0,
     },
     "data": {
@@ -43,18 +43,20 @@ DEFAULT_CONFIG = {
         "text_column": "sentence", "text_pair_column": None, "label_column": "label",
         "max_train_samples": None, "max_eval_samples": None, "validation_fraction": 0.1,
     },
-    "output_dir": "output",
-    "logging_dir": None,               # default: <output_dir>/logs
+    "output_dir": None,                # null: results/<run name>; a bare name: results/<name>; a path: as it is
+    "logging_dir": None,               # null: logs/<run name> for runs in results/, else <output_dir>/logs
     "device": "auto",                  # auto (cuda, then mps, then cpu) | cuda | cuda:N | mps | cpu
-    # Real assets fetched with pip, used (loudly) when the Hub cannot be reached; null turns that off.
-    "fallback": {"offline_model": "minilm", "offline_dataset": "rotten_tomatoes"},
+    # Real assets fetched with pip, used (loudly) when the Hub cannot be reached; auto: the asset of the
+    # task's own kind (families.TRACKS); null turns that off.
+    "fallback": {"offline_model": "auto", "offline_dataset": "auto"},
 }
 
 CHOICES = {
     "task": ("classification", "causal_lm"), "scaling": ("standard", "rslora", "none"),
     "init_B": ("zeros", "kaiming"), "bias": ("none", "all", "lora_only"),
     "precision": ("auto", "fp32", "bf16", "fp16"), "base_dtype": ("fp32", "bf16", "fp16"),
-    "offline_model": (None, "minilm", "smollm2"), "offline_dataset": (None, "rotten_tomatoes", "english_text"),
+    "offline_model": (None, "auto", "minilm", "smollm2"),
+    "offline_dataset": (None, "auto", "rotten_tomatoes", "english_text"),
 }
 POSITIVE_INT = {"num_labels", "rank", "num_epochs", "batch_size", "eval_batch_size", "max_length",
                 "gradient_accumulation_steps"}
@@ -66,13 +68,8 @@ FLOAT_RANGES = {"dropout": (0.0, 1.0, "[0, 1)"), "warmup_ratio": (0.0, 1.0 + 1e-
 BOOLS = {"fp16", "bf16", "gradient_checkpointing", "group_by_length", "pad_to_max_length"}
 # The seed course's flag spellings.
 ALIASES = {"model": "model_name", "epochs": "num_epochs", "lr": "learning_rate", "output": "output_dir"}
-# q/k/v/o shorthands for --target_modules; GPT-2 fuses q, k and v into c_attn.
-SHORT_TARGETS = {
-    "bert": {"q": "query", "k": "key", "v": "value", "o": "attention.output.dense"},
-    "roberta": {"q": "query", "k": "key", "v": "value", "o": "attention.output.dense"},
-    "gpt2": {"q": "c_attn", "k": "c_attn", "v": "c_attn", "o": "attn.c_proj"},
-    "llama": {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"},
-}
+RESULTS_ROOT, LOGS_ROOT = "results", "logs"  # where runs without an explicit path go (the course's ./results, ./logs)
+LATEST_RUN_LINK = "output"  # points at the latest finished run in results/ (the course's `ls output/`)
 
 
 class ConfigError(ValueError):
@@ -146,6 +143,8 @@ def _check_value(key, value):
                 fail(f"a number in {text}")
         return number
     if key == "target_modules":
+        if value is None:
+            return None
         if isinstance(value, str):
             value = [value]
         if not value or not all(isinstance(v, str) and v for v in value):
@@ -157,7 +156,7 @@ def _check_value(key, value):
         return value
     if value is not None and not isinstance(value, str):
         fail("a string")
-    if key in ("model_name", "output_dir") and not value:
+    if key == "model_name" and not value:
         fail("a non-empty string")
     return value
 
@@ -211,28 +210,96 @@ def build_arg_parser(description):
     return parser
 
 
+def _read_yaml(path):
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' not found; pass an existing YAML file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            loaded = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file '{path}' must be a mapping of keys to values")
+    return loaded
+
+
+def _leaves(tree):
+    """{leaf name: value} of a nested config (every leaf name is unique)."""
+    flat = {}
+    for key, value in tree.items():
+        flat.update(_leaves(value) if isinstance(value, dict) else {key: value})
+    return flat
+
+
 def load_config(args):
-    """Defaults <- YAML file <- command-line flags, then validated. Raises ConfigError."""
-    config = copy.deepcopy(DEFAULT_CONFIG)
-    if args.config:
-        if not os.path.isfile(args.config):
-            raise ConfigError(f"config file '{args.config}' not found; pass an existing YAML file")
-        try:
-            with open(args.config) as f:
-                loaded = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file '{args.config}' is not valid YAML: {str(e).splitlines()[0]}") from e
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file '{args.config}' must be a mapping of keys to values")
-        _merge(config, loaded)
-    for key, path in LEAF_PATHS.items():
-        value = getattr(args, key, None)
-        if value is not None:
-            section = config
-            for part in path[:-1]:
-                section = section[part]
-            section[path[-1]] = value
-    return validate_config(config)
+    """Defaults <- the track's config <- your YAML file <- command-line flags, then validated.
+
+    The track (classification or causal LM) is the task you set, else the one the model's own config says
+    (families.detect_task): `--model gpt2` alone runs the GPT-2 track. Keys you did not set follow it.
+    Raises ConfigError.
+    """
+    import families
+    user = _read_yaml(args.config) if args.config else {}
+    flags = {key: getattr(args, key) for key in LEAF_PATHS if getattr(args, key, None) is not None}
+    check = copy.deepcopy(DEFAULT_CONFIG)
+    _merge(check, user)  # unknown keys fail here, before anything is looked up
+    model_name = str(flags.get("model_name") or check["model_name"])
+    if families.is_path_like(model_name) and not os.path.isdir(os.path.expanduser(model_name)):
+        raise ConfigError(f"model '{model_name}' looks like a path but no such folder exists; check the path, "
+                          f"or pass a Hugging Face id such as gpt2 or bert-base-uncased")
+    task, task_reason = flags.get("task") or user.get("task"), "set in your config or flags"
+    if task is None:
+        task, task_reason = families.detect_task(model_name)
+        task = _check_value("task", task) if task else "classification"
+    track = copy.deepcopy(DEFAULT_CONFIG)
+    if task == "causal_lm":
+        _merge(track, _read_yaml(families.track_config_path("causal_lm")))
+    config = copy.deepcopy(track)
+    _merge(config, user)
+    for key, value in flags.items():
+        section = config
+        for part in LEAF_PATHS[key][:-1]:
+            section = section[part]
+        section[LEAF_PATHS[key][-1]] = value
+    config["task"] = task
+    config = validate_config(config)
+    for key in ("offline_model", "offline_dataset"):
+        if config["fallback"][key] == "auto":
+            config["fallback"][key] = getattr(families.TRACKS[config["task"]], key)
+    config["output_dir"], config["logging_dir"] = run_folders(config, validate_config(track))
+    config["track"] = {"task": config["task"], "decided_by": task_reason}
+    return config
+
+
+def run_folders(config, track_defaults):
+    """(output_dir, logging_dir). No output_dir: one folder per configuration, results/<run name>, named by
+    the model and every setting that differs from the track's defaults, so a sweep never overwrites or
+    refuses an earlier run with other settings. A bare name goes to results/<name>; a path is kept."""
+    output_dir = config["output_dir"]
+    if output_dir and (os.sep in output_dir or "/" in output_dir or output_dir.startswith((".", "~"))):
+        return output_dir, config["logging_dir"] or os.path.join(output_dir, "logs")
+    name = output_dir or run_name(config, track_defaults)
+    return os.path.join(RESULTS_ROOT, name), config["logging_dir"] or os.path.join(LOGS_ROOT, name)
+
+
+def run_name(config, track_defaults):
+    """e.g. gpt2, bert-base-uncased_alpha4, bert-base-uncased_rank16_target_modules-q_proj+k_proj+v_proj."""
+    ignored = {"model_name", "output_dir", "logging_dir", "device", "num_workers", "offline_model",
+               "offline_dataset"}
+    default, current = _leaves(track_defaults), _leaves(config)
+    parts = [os.path.basename(str(config["model_name"]).rstrip("/")) or "model"]
+    for key in LEAF_PATHS:
+        if key in ignored or current[key] == default[key]:
+            continue
+        value = current[key]
+        value = "+".join(value) if isinstance(value, list) else os.path.basename(str(value))
+        parts.append(f"{key}{value}" if key in ("rank", "alpha") else f"{key}-{value}")
+    name = "_".join(parts).replace(" ", "")
+    name = "".join(c if c.isalnum() or c in "+-_.=" else "-" for c in name)
+    if len(name) > 100:  # still one folder per configuration: the hash tells long names apart
+        import hashlib
+        name = name[:90] + "_" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return name
 
 
 # ----------------------------------------------------------------------------- device, precision, seeds
@@ -415,14 +482,6 @@ def load_base_model(model_name, task, num_labels=2, fallback=None, dtype="fp32")
     return model, tokenizer, provenance
 
 
-def expand_target_modules(targets, model):
-    """q/k/v/o shorthands -> this architecture's layer names; other names pass through."""
-    if targets in (None, "all"):
-        return targets
-    short = SHORT_TARGETS.get(getattr(model.config, "model_type", None), {})
-    return list(dict.fromkeys(short.get(t, t) for t in targets))
-
-
 # ----------------------------------------------------------------------------- reports
 
 def library_versions():
@@ -529,7 +588,7 @@ def collect_runs(results_dir):
 
 def _run_row(metrics):
     config = metrics["config"]
-    targets = config["lora"]["target_modules"]
+    targets = metrics.get("adapted_layers") or config["lora"]["target_modules"] or "default"
     return {"rank": config["lora"]["rank"], "alpha": config["lora"]["alpha"],
             "target_modules": targets if isinstance(targets, str) else ",".join(targets),
             "learning_rate": config["training"]["learning_rate"], "scaling": config["lora"]["scaling"],

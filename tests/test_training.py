@@ -155,8 +155,11 @@ def test_shipped_configs_are_valid():
     seed_style = build_arg_parser("").parse_args(["--model", "gpt2", "--epochs", "1", "--lr", "2e-4",
                                                   "--output", "x", "--target_modules", "q", "v"])
     config = load_config(seed_style)
-    assert (config["model_name"], config["training"]["num_epochs"], config["output_dir"]) == ("gpt2", 1, "x")
+    # --output NAME is the run's name under results/ (the course's `--output rank_8` + `--results_dir ./results`)
+    assert (config["model_name"], config["training"]["num_epochs"], config["output_dir"]) == ("gpt2", 1,
+                                                                                             os.path.join("results", "x"))
     assert config["training"]["learning_rate"] == 2e-4 and config["lora"]["target_modules"] == ["q", "v"]
+    assert config["task"] == "causal_lm"  # --model gpt2 alone picks the GPT-2 track
 
 
 def test_push_to_hub_without_network_fails_clearly_after_saving(tiny_assets, tmp_path, capsys, monkeypatch):
