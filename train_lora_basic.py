@@ -26,6 +26,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from data import build_datasets, load_splits, make_loader
+from losses import ChunkedCausalLM
 from lora_linear import apply_lora_to_model, count_lora_parameters, load_adapter, mark_only_lora_as_trainable, save_adapter
 from utils import (LATEST_RUN_LINK, RESULTS_ROOT, ConfigError, autocast_context, build_arg_parser,
                    format_parameter_table, library_versions, load_base_model, load_config, machine_description,
@@ -241,6 +242,8 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
     output_dir, training, task = config["output_dir"], config["training"], config["task"]
     setup_logging(output_dir, is_main)
     precision = resolve_precision(training["precision"], device)
+    if training["base_dtype"] == "auto":  # frozen weights in the precision the matmuls run in (fp32 LoRA, head)
+        training["base_dtype"] = precision
     if training["base_dtype"] != "fp32" and precision != training["base_dtype"]:
         raise ConfigError(f"base_dtype: {training['base_dtype']} needs precision: {training['base_dtype']} (autocast "
                           f"joins the half-precision base with the fp32 LoRA weights and head); add "
@@ -303,7 +306,10 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
     from transformers import get_linear_schedule_with_warmup
     scheduler = get_linear_schedule_with_warmup(optimizer, int(training["warmup_ratio"] * total_steps), total_steps)
     scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model) if world_size > 1 else model
+    # A causal LM's loss over a 49k-word vocabulary would hold (batch x length x vocab) fp32 logits: losses.py
+    # computes it chunk by chunk instead. Classification heads are small: the model's own forward.
+    train_model = ChunkedCausalLM(model) if task == "causal_lm" else model
+    ddp_model = torch.nn.parallel.DistributedDataParallel(train_model) if world_size > 1 else train_model
     metric = "accuracy" if task == "classification" else "perplexity"
     higher_is_better = metric == "accuracy"
 
@@ -346,7 +352,7 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
     def run_eval(baseline=False):
         flush_step_sums()
         eval_start = time.time()
-        result = evaluate(model, eval_loader, task, device, precision, world_size, is_main)
+        result = evaluate(train_model, eval_loader, task, device, precision, world_size, is_main)
         state["eval_time_s"] = state.get("eval_time_s", 0.0) + time.time() - eval_start
         entry = {"step": state["step"], "epoch": state["epoch"] + 1, **result}
         state["history"]["eval"].append(entry)

@@ -33,7 +33,7 @@ DEFAULT_CONFIG = {
     "training": {
         "num_epochs": 3, "batch_size": 16, "eval_batch_size": 64, "learning_rate": 5e-4,
         "max_length": 128, "warmup_ratio": 0.1, "weight_decay": 0.01, "gradient_accumulation_steps": 1,
-        "max_grad_norm": 1.0, "precision": "auto", "fp16": False, "bf16": False, "base_dtype": "fp32",
+        "max_grad_norm": 1.0, "precision": "auto", "fp16": False, "bf16": False, "base_dtype": "auto",
         "gradient_checkpointing": False, "seed": 42, "logging_steps": 20, "eval_steps": 0,
         "max_steps": 0, "group_by_length": True, "pad_to_max_length": False, "num_workers": 0,
     },
@@ -54,7 +54,7 @@ DEFAULT_CONFIG = {
 CHOICES = {
     "task": ("classification", "causal_lm"), "scaling": ("standard", "rslora", "none"),
     "init_B": ("zeros", "kaiming"), "bias": ("none", "all", "lora_only"),
-    "precision": ("auto", "fp32", "bf16", "fp16"), "base_dtype": ("fp32", "bf16", "fp16"),
+    "precision": ("auto", "fp32", "bf16", "fp16"), "base_dtype": ("auto", "fp32", "bf16", "fp16"),
     "offline_model": (None, "auto", "minilm", "smollm2"),
     "offline_dataset": (None, "auto", "rotten_tomatoes", "english_text"),
 }
@@ -292,7 +292,8 @@ def run_name(config, track_defaults):
         if key in ignored or current[key] == default[key]:
             continue
         value = current[key]
-        value = "+".join(value) if isinstance(value, list) else os.path.basename(str(value))
+        value = "+".join(value) if isinstance(value, list) else f"{value:g}" if isinstance(value, float) \
+            else os.path.basename(str(value))
         parts.append(f"{key}{value}" if key in ("rank", "alpha") else f"{key}-{value}")
     name = "_".join(parts).replace(" ", "")
     name = "".join(c if c.isalnum() or c in "+-_.=" else "-" for c in name)

@@ -144,3 +144,59 @@ def tiny_runs(tiny_assets, tmp_path_factory):
                                   "--train_file", tiny_assets["train_txt"], "--validation_file",
                                   tiny_assets["validation_txt"], "--output_dir", str(root / "gpt2"), *common]) == 0
     return {"bert": str(root / "bert"), "gpt2": str(root / "gpt2")}
+
+
+# --------------------------------------------------------------------------- a seeded Hugging Face cache
+# Tiny random models saved under the real Hub ids `gpt2` and `bert-base-uncased`, with real tokenizer types
+# (a byte-level BPE GPT2TokenizerFast, a WordPiece BertTokenizerFast), laid out as huggingface_hub caches
+# them. With HF_HUB_OFFLINE=1 and HF_HOME pointing here, transformers loads them as `gpt2` and
+# `bert-base-uncased`: the real, non-fallback code path (GPT-2's Conv1D and c_attn included) runs in CI.
+def _cache_snapshot(hub_dir, repo_id, save):
+    sha = "0" * 40
+    repo = os.path.join(hub_dir, "models--" + repo_id.replace("/", "--"))
+    snapshot = os.path.join(repo, "snapshots", sha)
+    os.makedirs(snapshot)
+    save(snapshot)
+    os.makedirs(os.path.join(repo, "refs"))
+    with open(os.path.join(repo, "refs", "main"), "w") as f:
+        f.write(sha)
+
+
+def tiny_bpe_gpt2_tokenizer(texts):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2TokenizerFast
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<|endoftext|>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return GPT2TokenizerFast(tokenizer_object=bpe, bos_token="<|endoftext|>", eos_token="<|endoftext|>",
+                             unk_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="session")
+def hf_home(tmp_path_factory):
+    """An HF_HOME whose hub cache holds tiny random `gpt2` and `bert-base-uncased`."""
+    from transformers import BertConfig, BertForMaskedLM, GPT2Config, GPT2LMHeadModel
+    home = tmp_path_factory.mktemp("hf_home")
+    hub = str(home / "hub")
+    texts = [s for s, _ in toy_sentences(400, 3)]
+    gpt2_tokenizer = tiny_bpe_gpt2_tokenizer(texts)
+
+    def save_gpt2(folder):
+        torch.manual_seed(0)
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=len(gpt2_tokenizer), n_embd=32, n_layer=2, n_head=4,
+                                           n_positions=512, bos_token_id=0, eos_token_id=0, initializer_range=0.2))
+        model.save_pretrained(folder)
+        gpt2_tokenizer.save_pretrained(folder)
+
+    def save_bert(folder):
+        vocab = write_tiny_tokenizer(folder)
+        torch.manual_seed(0)
+        BertForMaskedLM(BertConfig(vocab_size=vocab, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   intermediate_size=64, max_position_embeddings=512,
+                                   initializer_range=0.2)).save_pretrained(folder)
+
+    _cache_snapshot(hub, "gpt2", save_gpt2)
+    _cache_snapshot(hub, "bert-base-uncased", save_bert)
+    return str(home)

@@ -1,0 +1,72 @@
+"""The causal-LM loss without the full logits tensor.
+
+A causal LM's last layer turns each position's hidden state (d numbers) into logits over the whole
+vocabulary (V numbers; SmolLM2: d = 576, V = 49,152). At batch 8 x 512 the logits alone are 201M floats:
+800 MB in fp32, and the usual loss keeps them, an fp32 copy, the log-softmax and the gradient alive at once.
+
+Here the head and the cross-entropy run on chunks of positions, and each chunk's gradient with respect to
+the hidden states, (softmax - one_hot) W, is computed right away, while its logits are at hand. The backward
+pass then only scales that stored gradient. Memory holds one chunk of logits instead of all of them, and no
+logits are recomputed. The head's weight is frozen in LoRA (the LM head is tied to the embeddings and not
+adapted), so no gradient for it is needed; a trainable head falls back to the model's own loss.
+"""
+
+from types import SimpleNamespace
+
+import torch
+import torch.nn as nn
+
+IGNORE_INDEX = -100  # labels with this value do not count (transformers' convention)
+
+
+class _ChunkedLinearCrossEntropy(torch.autograd.Function):
+    """mean over counted positions of cross_entropy(hidden @ weight.T, targets), computed chunk by chunk."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, chunk_size, want_grad):
+        counted = targets != IGNORE_INDEX
+        count = counted.sum().clamp(min=1)
+        loss_sum = hidden.new_zeros((), dtype=torch.float32)
+        grad = torch.empty_like(hidden) if want_grad else None
+        for start in range(0, hidden.shape[0], chunk_size):
+            end = min(start + chunk_size, hidden.shape[0])
+            logits = (hidden[start:end] @ weight.T).float()  # one chunk of (positions x vocab), in fp32
+            log_z = logits.logsumexp(-1)
+            rows = torch.arange(end - start, device=hidden.device)
+            target, keep = targets[start:end].clamp(min=0), counted[start:end]
+            loss_sum += ((log_z - logits[rows, target]) * keep).sum()
+            if want_grad:  # d loss_sum / d logits = softmax - one_hot; then back through the head
+                probs = logits.sub_(log_z[:, None]).exp_()
+                probs[rows, target] -= 1.0
+                probs *= keep[:, None]
+                grad[start:end] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+        if want_grad:
+            ctx.save_for_backward(grad, count)
+        return loss_sum / count
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad, count = ctx.saved_tensors
+        return grad * (grad_output / count).to(grad.dtype), None, None, None, None
+
+
+class ChunkedCausalLM(nn.Module):
+    """Wraps a transformers causal LM: forward(input_ids, attention_mask, labels) -> .loss, the mean next-token
+    cross-entropy (labels shifted by one position, as the model's own loss does), without the full logits.
+    It is an nn.Module so that DistributedDataParallel can wrap it like the model itself."""
+
+    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+        super().__init__()
+        self.model, self.chunk_size = model, chunk_size
+
+    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+        head = self.model.get_output_embeddings()
+        if labels is None or head is None or head.weight.requires_grad or getattr(head, "bias", None) is not None:
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
+        hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                       **kwargs).last_hidden_state
+        hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # position t predicts token t + 1
+        targets = labels[:, 1:].reshape(-1)
+        want_grad = torch.is_grad_enabled() and hidden.requires_grad
+        loss = _ChunkedLinearCrossEntropy.apply(hidden, head.weight, targets, self.chunk_size, want_grad)
+        return SimpleNamespace(loss=loss, logits=None)
