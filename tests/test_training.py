@@ -235,3 +235,18 @@ def test_labels_become_0_to_n_minus_1(tiny_assets):
     assert label_map == {-1: 0, 0: 1, 2: 2} and [e["labels"] for e in examples] == [1, 2, 2, 1, 0]
     _, identity = tokenize_classification(rows[:2] + [{"t": "fun", "y": 1}], tokenizer, ("t", None, "y"), 8)
     assert identity == {0: 0, 1: 1, 2: 2}
+
+
+def test_causal_lm_data_is_cut_into_full_blocks_without_padding(tiny_assets):
+    from transformers import AutoTokenizer
+    from data import tokenize_causal_lm
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets["gpt2"])
+    rows = [{"text": "the movie was good"}, {"text": "  "}, {"text": "a dull plot"}, {"text": "fun and lovely film"}]
+    blocks = tokenize_causal_lm(rows, tokenizer, "text", 4)
+    stream = []  # the documents joined with the end-of-text token, empty lines skipped
+    for row in rows:
+        if row["text"].strip():
+            stream += tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(stream) == 14 and len(blocks) == 14 // 4  # the last 2 tokens do not fill a block: dropped
+    assert all(len(b["input_ids"]) == 4 for b in blocks)  # every block full: no padding to train on
+    assert [t for b in blocks for t in b["input_ids"]] == stream[:12]
