@@ -4,7 +4,8 @@ Use a trained LoRA adapter: classify sentences, or continue a prompt with a caus
     python inference_example.py                                   # interactive, adapter in output/
     python inference_example.py --mode demo
     python inference_example.py --mode text --text "This is amazing!"
-    python inference_example.py --mode text --text "..." --compare_base --merge
+    python inference_example.py --mode text --text "..." --compare_base   # with and without the adapter
+    python inference_example.py --mode text --text "..." --merge          # B A folded into W0 first
     python inference_example.py --adapter_dir output_gpt2 --mode text --text "The history of" --max_new_tokens 40
     python inference_example.py --adapters sst=output other=results/rank_4 --mode demo   # several adapters
 

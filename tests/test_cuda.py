@@ -25,6 +25,7 @@ def test_auto_precision_is_bf16_where_supported_else_fp16():
     assert resolve_precision("auto", CUDA) == ("bf16" if torch.cuda.is_bf16_supported() else "fp16")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("precision", ["fp16", "bf16", "fp32"])
 def test_classification_trains_on_cuda_in_each_precision(tiny_assets, tmp_path, precision):
     out = tmp_path / precision
@@ -38,6 +39,7 @@ def test_classification_trains_on_cuda_in_each_precision(tiny_assets, tmp_path, 
     assert all(t.dtype == torch.float32 for t in load_file(out / "adapter_model.safetensors").values())
 
 
+@pytest.mark.slow
 def test_fp16_gradscaler_state_survives_a_resume(tiny_assets, tmp_path):
     out = tmp_path / "run"
 
@@ -52,6 +54,7 @@ def test_fp16_gradscaler_state_survives_a_resume(tiny_assets, tmp_path):
     assert metrics_of(out)["epochs"][-1]["step"] == 36
 
 
+@pytest.mark.slow
 def test_half_precision_base_on_cuda_keeps_fp32_lora_and_head(tiny_assets, tmp_path):
     out = tmp_path / "run"
     assert train_lora_basic.main(on_cuda(bert_args(tiny_assets, out, "--epochs", "1", "--precision", "bf16",
@@ -62,6 +65,7 @@ def test_half_precision_base_on_cuda_keeps_fp32_lora_and_head(tiny_assets, tmp_p
     assert any("classifier" in k for k in saved) and all(t.dtype == torch.float32 for t in saved.values())
 
 
+@pytest.mark.slow
 def test_causal_lm_trains_on_cuda_with_bf16(tiny_assets, tmp_path):
     out = tmp_path / "lm"
     assert train_lora_basic.main(on_cuda(gpt2_args(tiny_assets, out, "--precision", "bf16"))) == 0

@@ -27,3 +27,21 @@ def test_documented_experiment_and_benchmark_commands_exist():
     assert commands and sections
     assert commands <= set(run.COMMANDS), commands - set(run.COMMANDS)
     assert sections <= set(bench.SECTIONS), sections - set(bench.SECTIONS)
+
+
+def test_readme_and_guide_quote_the_bert_base_parameter_counts():
+    """bert-base-uncased (BertConfig() defaults, 2 labels), LoRA r=8 on query and value, counted on the meta device."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+    from lora_linear import apply_lora_to_model, count_lora_parameters, mark_only_lora_as_trainable
+    with torch.device("meta"):
+        bert = BertForSequenceClassification(BertConfig(num_labels=2))
+    counts = count_lora_parameters(mark_only_lora_as_trainable(apply_lora_to_model(bert, ["query", "value"], rank=8)))
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    guide = open(os.path.join(ROOT, "GUIDE.md")).read()
+    head = counts["trainable"] - counts["lora"]
+    for number in (counts["lora"], head, counts["frozen"]):
+        assert f"{number:,}" in readme, f"README.md does not quote {number:,}"
+    for number in (counts["total"], counts["trainable"], counts["lora"], head, counts["frozen"]):
+        assert f"{number:,}" in guide, f"GUIDE.md does not quote {number:,}"
+    assert f"{counts['percentage']:.2f}%" in readme and f"{counts['percentage']:.3f}" in guide

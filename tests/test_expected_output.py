@@ -24,6 +24,7 @@ def test_artifacts_exist_and_parse():
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_adapter_loads_on_the_bundled_base_and_classifies():
     import assets
     from transformers import AutoModelForSequenceClassification, AutoTokenizer

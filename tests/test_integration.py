@@ -7,7 +7,7 @@ import torch
 import train_lora_basic
 from lora_linear import apply_lora_to_model, count_lora_parameters, lora_layers
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
 def test_minilm_learns_sentiment_from_the_bundled_sentences_with_a_loud_fallback(tmp_path, capsys, monkeypatch):

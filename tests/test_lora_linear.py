@@ -203,6 +203,7 @@ def test_closed_form_for_bert_base_and_gpt2_small():
     counts = count_lora_parameters(bert)
     assert counts["lora"] == 294_912 and counts["trainable"] == 294_912 + 1_538
     assert counts["total"] == 109_483_778 + 294_912
+    assert counts["frozen"] == 109_483_778 - 1_538 == 109_482_240  # everything but LoRA and the new head
     apply_lora_to_model(gpt2, ["c_attn"], rank=8)
     mark_only_lora_as_trainable(gpt2)
     assert count_lora_parameters(gpt2)["lora"] == count_lora_parameters(gpt2)["trainable"] == 294_912

@@ -31,6 +31,7 @@ def metrics_of(out):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_classification_run_writes_everything_and_learns(tiny_assets, tmp_path):
     out = tmp_path / "run"
     assert train_lora_basic.main(bert_args(tiny_assets, out)) == 0
@@ -49,20 +50,26 @@ def test_classification_run_writes_everything_and_learns(tiny_assets, tmp_path):
     assert (out / "training_curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_saved_adapter_reloads_to_the_same_eval_metric(tiny_assets, tmp_path):
     out = tmp_path / "run"
     assert train_lora_basic.main(bert_args(tiny_assets, out)) == 0
+    assert single_process_accuracy(tiny_assets, out) == pytest.approx(metrics_of(out)["best"]["value"], abs=1e-9)
+
+
+def single_process_accuracy(assets, out):
+    """The validation accuracy of the adapter saved in `out`, loaded onto a fresh base and evaluated here."""
     from data import build_datasets, make_loader
     from utils import load_base_model, load_config, build_arg_parser
-    config = load_config(build_arg_parser("").parse_args(bert_args(tiny_assets, out)))
+    config = load_config(build_arg_parser("").parse_args(bert_args(assets, out)))
     model, tokenizer, _ = load_base_model(config["model_name"], "classification", 2)
     load_adapter(model, out)
     _, eval_set, collate, _, _ = build_datasets(config, tokenizer)
     loader = make_loader(eval_set, collate, 64, False, True, 0)
-    result = train_lora_basic.evaluate(model, loader, "classification", torch.device("cpu"), "fp32", 1, False)
-    assert result["accuracy"] == pytest.approx(metrics_of(out)["best"]["value"], abs=1e-9)
+    return train_lora_basic.evaluate(model, loader, "classification", torch.device("cpu"), "fp32", 1, False)["accuracy"]
 
 
+@pytest.mark.slow
 def test_causal_lm_run_reports_perplexity_and_learns(tiny_assets, tmp_path):
     out = tmp_path / "lm"
     assert train_lora_basic.main(gpt2_args(tiny_assets, out)) == 0
@@ -75,6 +82,7 @@ def test_causal_lm_run_reports_perplexity_and_learns(tiny_assets, tmp_path):
     assert config["task_type"] == "CAUSAL_LM" and config["target_modules"] == ["c_attn"]
 
 
+@pytest.mark.slow
 def test_interrupted_then_resumed_run_matches_uninterrupted(tiny_assets, tmp_path):
     full = tmp_path / "full"
     assert train_lora_basic.main(bert_args(tiny_assets, full, "--dropout", "0.1")) == 0
@@ -137,6 +145,7 @@ def test_bad_flags_exit_2_with_one_line(tiny_assets, tmp_path, capsys, extra, me
     assert message in err and len(err.splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_bad_config_file_exits_2_before_loading_anything(tmp_path):
     config = tmp_path / "typo.yaml"
     config.write_text("lora:\n  rnak: 8\n")
@@ -171,19 +180,23 @@ def test_push_to_hub_without_network_fails_clearly_after_saving(tiny_assets, tmp
     assert (out / "adapter_model.safetensors").is_file() and (out / "README.md").is_file()
 
 
+@pytest.mark.slow
 def test_two_process_ddp_on_cpu(tiny_assets, tmp_path):
     out = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "train_lora_basic.py", *bert_args(tiny_assets, out, "--epochs", "1")]
+           "train_lora_basic.py", *bert_args(tiny_assets, out, "--epochs", "1", "--eval_batch_size", "16")]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
     metrics = metrics_of(out)
     assert metrics["world_size"] == 2
     assert metrics["epochs"][0]["step"] == 192 // 16 // 2  # each rank took half of the batches
-    assert 0.0 <= metrics["best"]["value"] <= 1.0
+    # evaluation was split over the ranks (4 eval batches of 16) and its sums all-reduced: the accuracy the run
+    # reports must be the saved adapter's accuracy on the whole validation set, evaluated here in one process
+    assert metrics["best"]["value"] == pytest.approx(single_process_accuracy(tiny_assets, out), abs=1e-9)
 
 
+@pytest.mark.slow
 def test_bf16_autocast_accumulation_and_checkpointing_paths(tiny_assets, tmp_path):
     out = tmp_path / "run"
     assert train_lora_basic.main(bert_args(tiny_assets, out, "--epochs", "1", "--precision", "bf16",
@@ -225,3 +238,18 @@ def test_labels_become_0_to_n_minus_1(tiny_assets):
     assert label_map == {-1: 0, 0: 1, 2: 2} and [e["labels"] for e in examples] == [1, 2, 2, 1, 0]
     _, identity = tokenize_classification(rows[:2] + [{"t": "fun", "y": 1}], tokenizer, ("t", None, "y"), 8)
     assert identity == {0: 0, 1: 1, 2: 2}
+
+
+def test_causal_lm_data_is_cut_into_full_blocks_without_padding(tiny_assets):
+    from transformers import AutoTokenizer
+    from data import tokenize_causal_lm
+    tokenizer = AutoTokenizer.from_pretrained(tiny_assets["gpt2"])
+    rows = [{"text": "the movie was good"}, {"text": "  "}, {"text": "a dull plot"}, {"text": "fun and lovely film"}]
+    blocks = tokenize_causal_lm(rows, tokenizer, "text", 4)
+    stream = []  # the documents joined with the end-of-text token, empty lines skipped
+    for row in rows:
+        if row["text"].strip():
+            stream += tokenizer(row["text"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(stream) == 14 and len(blocks) == 14 // 4  # the last 2 tokens do not fill a block: dropped
+    assert all(len(b["input_ids"]) == 4 for b in blocks)  # every block full: no padding to train on
+    assert [t for b in blocks for t in b["input_ids"]] == stream[:12]
