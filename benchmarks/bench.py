@@ -3,7 +3,7 @@ Speed and memory of this repo's LoRA against what users would pick instead. One 
 
     python benchmarks/bench.py                 # everything below, then a table (several minutes on 2 cores)
     python benchmarks/bench.py --only step     # a subset of: step inference memory padding multi e2e precision
-                                               #              profile compile
+                                               #              profile compile causal
     python benchmarks/bench.py --device cuda   # on the GPU (adds a larger step shape and the auto precision runs)
     python benchmarks/bench.py --quick         # tiny model, a smoke test (used by the tests)
 
@@ -411,6 +411,31 @@ def section_precision(args, device):
     return results
 
 
+def section_causal(args, device):
+    """The GPT-2 track's step offline: SmolLM2-135M, blocks of 8 x 512 tokens of the English text, LoRA r=8 on
+    q_proj+v_proj, lr 2e-4, the same number of steps, at the precision auto picks. This repo's command vs HF
+    Trainer + PEFT: seconds per step, peak RSS of each run's own process, perplexity on the same eval blocks."""
+    steps, block = (2, 64) if args.quick else (args.causal_steps, 512)
+    precision = resolve_precision("auto", device)
+    print(f"causal LM: SmolLM2-135M, {steps} steps of 8 x {block} tokens, r=8 q_proj+v_proj, precision {precision}")
+    common = ["--max_steps", str(steps), "--max_eval_samples", "400", "--device", str(device), "--precision", precision]
+    ours = [sys.executable, "train_lora_basic.py", "--model", "smollm2", "--max_length", str(block),
+            "--logging_steps", "1", *common]
+    reference = [sys.executable, HF_REFERENCE, "--task", "causal_lm", "--block_size", str(block), "--lr", "2e-4",
+                 *common]
+    os.environ["HF_HUB_OFFLINE"] = "1"  # both sides on the bundled English text, also where the Hub is reachable
+    results = {}
+    for name, cmd in (("this repo (train_lora_basic.py)", ours), ("HF Trainer + PEFT", reference)):
+        metrics = run_training_command(cmd, name)
+        results[name] = (metrics["train_time_s"] / steps, metrics["peak_memory_mb"], metrics["best"]["value"])
+    (ref_step, ref_peak, ref_ppl) = results["HF Trainer + PEFT"]
+    for name, (step, peak, ppl) in results.items():
+        record("causal", f"{name}: time per step", step, "s", f"{step / ref_step:.2f}x Trainer")
+        record("causal", f"{name}: peak RSS", peak, "MB", f"{peak / ref_peak:.2f}x Trainer")
+        record("causal", f"{name}: eval perplexity after {steps} steps", ppl, "", f"{ppl / ref_ppl:.3f}x Trainer")
+    return results
+
+
 def section_profile(args, device):
     """Where one MiniLM LoRA training step spends its time (batch 16 x 28 tokens, the bundled sentences' size)."""
     print("profile (MiniLM, LoRA r=8 q,v, batch 16 x 28 tokens, 5 steps)")
@@ -477,7 +502,7 @@ def section_compile(args, device):
 
 SECTIONS = {"step": section_step, "inference": section_inference, "memory": section_memory,
             "padding": section_padding, "multi": section_multi, "e2e": section_e2e, "precision": section_precision,
-            "profile": section_profile, "compile": section_compile}
+            "profile": section_profile, "compile": section_compile, "causal": section_causal}
 
 
 def main(argv=None):
@@ -487,6 +512,7 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="for the precision section")
+    parser.add_argument("--causal_steps", type=int, default=10, help="optimizer steps per side in the causal section")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results.json"))
     args = parser.parse_args(argv)
     if args.quick:
