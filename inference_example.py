@@ -98,6 +98,27 @@ def load_base(base, task, num_labels):
                            f"{task} model ({type(e).__name__}: {first})") from None
 
 
+def load_for_inference(adapter_dir, device, merge=False):
+    """(model, tokenizer, task, adapter_config): the shared base-model resolution, then load_adapter."""
+    if not os.path.isdir(adapter_dir):
+        raise AdapterError(f"adapter folder '{adapter_dir}' does not exist; train one first "
+                           f"(python train_lora_basic.py) or pass --adapter_dir")
+    config = read_adapter_config(adapter_dir)
+    task = task_of(config, adapter_dir)
+    base = config.get("base_model_name_or_path")
+    if not base:
+        raise AdapterError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path")
+    num_labels = num_labels_of(adapter_dir) if task == "classification" else 2
+    model, tokenizer, provenance = load_base(base, task, num_labels)
+    load_adapter(model, adapter_dir)
+    if merge:
+        merge_lora_weights(model)
+    model.to(device).eval()
+    print(f"base model: {provenance['used']} [{provenance['source']}]; adapter: {adapter_dir} "
+          f"(r={config['r']}, alpha={config['lora_alpha']}, {'merged' if merge else 'unmerged'})", file=sys.stderr)
+    return model, tokenizer, task, config
+
+
 class Predictor:
     """One loaded adapter (and its base model) with the task's way of answering."""
 

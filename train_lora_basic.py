@@ -83,8 +83,12 @@ def claim_output_dir(output_dir, resume, overwrite):
         has_checkpoint = newest_checkpoint(output_dir) is not None
         finished = os.path.isfile(os.path.join(output_dir, "training_metrics.json"))
         problem = None
-        if resume and not has_checkpoint:
-            problem = f"--resume but '{output_dir}' has no complete checkpoint/; start without --resume"
+        partial = [n for n in CHECKPOINT_NAMES if os.path.isdir(os.path.join(output_dir, n))]
+        if resume and not has_checkpoint and partial:
+            problem = (f"--resume but no checkpoint in '{output_dir}' is complete ({', '.join(partial)}: a file is "
+                       f"missing, truncated or changed since it was written); start again with --overwrite_output_dir")
+        elif resume and not has_checkpoint:
+            problem = f"--resume but '{output_dir}' has no checkpoint/; start without --resume"
         elif not resume and not overwrite and has_checkpoint:
             problem = f"'{output_dir}' holds an interrupted run; continue it with --resume or pass --overwrite_output_dir"
         elif not resume and not overwrite and finished:
@@ -205,7 +209,8 @@ def setup_logging(output_dir, is_main):
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
     handlers = [logging.StreamHandler(sys.stdout)]
     if is_main:
-        handlers.append(logging.FileHandler(os.path.join(output_dir, "training_log.txt"), mode="a"))
+        # delay: a run refused before its first log line leaves no empty log behind
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "training_log.txt"), mode="a", delay=True))
     for h in handlers:
         h.setFormatter(fmt)
         log.addHandler(h)
@@ -390,7 +395,8 @@ def _check_local_head(config):
         with open(path, encoding="utf-8") as f:
             saved = json.load(f)
         has_head = any(str(a).endswith("ForSequenceClassification") for a in saved.get("architectures") or [])
-        labels = len(saved["id2label"]) if isinstance(saved.get("id2label"), dict) else saved.get("num_labels")
+        # transformers writes id2label only when it differs from its default of two labels
+        labels = len(saved["id2label"]) if isinstance(saved.get("id2label"), dict) else saved.get("num_labels", 2)
     except (OSError, ValueError, AttributeError, TypeError):
         return  # unreadable: transformers reports it
     if has_head and isinstance(labels, int) and labels != config["num_labels"]:
