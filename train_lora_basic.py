@@ -134,6 +134,7 @@ RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "adapter_mode
                "checkpoint.new", "checkpoint.old", "training_metrics.json", "training_curves.png",
                "training_log.txt", "model_comparison.txt", "logs")
 PREVIOUS_RUN = ".overwrite-previous"  # hidden: compare_ranks does not read it as a run
+OVERWRITE_MOVING = ".overwrite-moving"
 
 
 def _run_outputs(output_dir):
@@ -159,11 +160,13 @@ def _remove(path):
 
 
 def _set_previous_run_aside(output_dir):
-    """--overwrite_output_dir: move the previous run's files into .overwrite-previous/, one rename each."""
-    previous = os.path.join(output_dir, PREVIOUS_RUN)
-    os.makedirs(previous, exist_ok=True)
+    """--overwrite_output_dir: move the previous run's files into .overwrite-moving/, one rename each, then rename
+    that to .overwrite-previous/: from then on every run output outside it belongs to the new run."""
+    moving = os.path.join(output_dir, OVERWRITE_MOVING)
+    os.makedirs(moving, exist_ok=True)
     for name in _run_outputs(output_dir):
-        os.replace(os.path.join(output_dir, name), os.path.join(previous, name))
+        os.replace(os.path.join(output_dir, name), os.path.join(moving, name))
+    os.replace(moving, os.path.join(output_dir, PREVIOUS_RUN))
 
 
 def commit_overwrite(output_dir):
@@ -175,19 +178,23 @@ def commit_overwrite(output_dir):
 
 def restore_previous_run(output_dir):
     """Undo an overwrite whose new run wrote no result (it failed or was killed early): its files (logs only)
-    go, the previous run's come back. Each step is idempotent, so a kill here is finished by the next call."""
-    previous = os.path.join(output_dir, PREVIOUS_RUN)
-    if not os.path.isdir(previous):
-        return False
-    saved = os.listdir(previous)
-    for name in _run_outputs(output_dir):
-        if name not in saved:
-            _remove(os.path.join(output_dir, name))
-    for name in saved:
-        _remove(os.path.join(output_dir, name))
-        os.replace(os.path.join(previous, name), os.path.join(output_dir, name))
-    os.rmdir(previous)
-    return True
+    go, the previous run's come back. Each step is idempotent, so a kill here is finished by the next call.
+    Killed while still moving aside (.overwrite-moving/), the new run never started: every file is old."""
+    for name, new_run_started in ((OVERWRITE_MOVING, False), (PREVIOUS_RUN, True)):
+        folder = os.path.join(output_dir, name)
+        if not os.path.isdir(folder):
+            continue
+        saved = os.listdir(folder)
+        if new_run_started:
+            for other in _run_outputs(output_dir):
+                if other not in saved:
+                    _remove(os.path.join(output_dir, other))
+        for item in saved:
+            _remove(os.path.join(output_dir, item))
+            os.replace(os.path.join(folder, item), os.path.join(output_dir, item))
+        os.rmdir(folder)
+        return True
+    return False
 
 
 def _process_alive(pid):
