@@ -301,3 +301,82 @@ def test_older_adapter_model_bin_loads_and_pickled_code_never_runs(ids, tmp_path
     with pytest.raises(AdapterError, match="never unpickled"):
         load_adapter(BUILDERS["bert"](), tmp_path / "a")
     assert not (tmp_path / "pwned").exists()
+
+
+# --------------------------------------------------------------------------- compare_ranks
+
+def fake_run(folder, rank, metric, value, task="classification"):
+    """A training_metrics.json with the fields compare_ranks reads (no training needed)."""
+    folder.mkdir(parents=True)
+    metrics = {"config": {"lora": {"rank": rank, "alpha": 16.0, "target_modules": ["query", "value"],
+                                   "scaling": "standard"}, "training": {"learning_rate": 1e-3}, "task": task},
+               "precision": "fp32", "parameters": {"trainable": 1000 * rank},
+               "best": {"metric_name": metric, "value": value}, "train_time_s": 1.0, "peak_memory_mb": 10.0}
+    (folder / "training_metrics.json").write_text(json.dumps(metrics))
+
+
+def test_compare_ranks_skips_broken_runs_with_a_warning(tmp_path, capsys):
+    import utils
+    fake_run(tmp_path / "rank_4", 4, "accuracy", 0.8)
+    fake_run(tmp_path / "rank_8", 8, "accuracy", 0.9)
+    (tmp_path / "bad_utf8").mkdir()
+    (tmp_path / "bad_utf8" / "training_metrics.json").write_bytes(b'{"config": "\xff\xfe"}')
+    fake_run(tmp_path / "null_best", 2, "accuracy", None)
+    assert utils.main(["compare_ranks", "--results_dir", str(tmp_path)]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.out.splitlines() if line.startswith("warning: skipped")]
+    assert len(warnings) == 2 and any("bad_utf8" in w for w in warnings) and any("null_best" in w for w in warnings)
+    rows = [line.split() for line in captured.out.splitlines() if line.startswith("rank_")]
+    assert [r[0] for r in rows] == ["rank_4", "rank_8"] and "Traceback" not in captured.err
+
+
+def test_compare_ranks_names_the_metric_of_every_run(tmp_path, capsys):
+    import utils
+    fake_run(tmp_path / "sst_rank_4", 4, "accuracy", 0.8)
+    fake_run(tmp_path / "lm_rank_8", 8, "perplexity", 35.2, task="causal_lm")
+    assert utils.main(["compare_ranks", "--results_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    header = next(line for line in out.splitlines() if line.startswith("run"))
+    assert "accuracy" not in header and "perplexity" not in header  # never one label over mixed metrics
+    rows = {line.split()[0]: line.split() for line in out.splitlines() if "_rank_" in line}
+    assert rows["sst_rank_4"][5:7] == ["accuracy", "0.8000"] and rows["lm_rank_8"][5:7] == ["perplexity", "35.2000"]
+    assert "different metrics" in out
+
+
+# --------------------------------------------------------------------------- multi_lora names and bases
+
+@pytest.fixture
+def two_adapters(tmp_path):
+    dirs = {}
+    for name, base in (("a", "org/base-one"), ("b", "org/base-two")):
+        model = mark_only_lora_as_trainable(apply_lora_to_model(BUILDERS["bert"](), ["query"], rank=2))
+        save_adapter(model, tmp_path / name, base_model_name_or_path=base)
+        dirs[name] = tmp_path / name
+    return dirs
+
+
+def test_multi_lora_refuses_deleting_the_base_and_bad_names(two_adapters):
+    from multi_lora import MultiAdapterModel
+    multi = MultiAdapterModel(BUILDERS["bert"](), base_model_name_or_path="org/base-one")
+    multi.load_adapter("a", two_adapters["a"])
+    for base in (None, 0):
+        with pytest.raises(ValueError, match="base model and cannot be deleted"):
+            multi.delete_adapter(base)
+    assert multi.names == [None, "a"]
+    for name in ("", "   ", None, 3, ("a",)):
+        with pytest.raises(ValueError, match="non-empty string"):
+            multi.load_adapter(name, two_adapters["a"])
+    assert multi.adapters == ["a"]
+
+
+def test_multi_lora_warns_on_an_adapter_for_another_base(two_adapters, recwarn):
+    from multi_lora import MultiAdapterModel
+    multi = MultiAdapterModel(BUILDERS["bert"](), base_model_name_or_path="org/base-one")
+    multi.load_adapter("a", two_adapters["a"])
+    assert not [w for w in recwarn if "trained on" in str(w.message)]
+    with pytest.warns(UserWarning, match="'b' was trained on 'org/base-two', but this base model is 'org/base-one'"):
+        multi.load_adapter("b", two_adapters["b"])
+    # no base name given: the first adapter's base is the reference
+    multi = MultiAdapterModel(BUILDERS["bert"]()).load_adapter("a", two_adapters["a"])
+    with pytest.warns(UserWarning, match="trained on 'org/base-two'"):
+        multi.load_adapter("b", two_adapters["b"])
