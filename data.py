@@ -10,6 +10,7 @@ max_length tokens, so no position is padding and the loss is a real language-mod
 """
 
 import csv
+import io
 import json
 import math
 import os
@@ -28,34 +29,86 @@ def load_splits(config):
     """(train_rows, eval_rows, provenance, columns): lists of dicts plus where they came from."""
     data, task, seed = config["data"], config["task"], config["training"]["seed"]
     if data["train_file"]:
-        train, validation = _read_local(data["train_file"], data["text_column"]), None
+        columns = (data["text_column"], data["text_pair_column"], data["label_column"])
+        train, validation = _read_local(data["train_file"], columns, task), None
         if data["validation_file"]:
-            validation = _read_local(data["validation_file"], data["text_column"])
+            validation = _read_local(data["validation_file"], columns, task)
         else:
             train, validation = assets.seeded_split(train, data["validation_fraction"], seed)
         provenance = {"source": "local files", "train_file": os.path.abspath(data["train_file"]),
                       "validation_file": os.path.abspath(data["validation_file"]) if data["validation_file"]
                       else f"seeded {data['validation_fraction']:.0%} split of train_file (seed {seed})"}
-        columns = (data["text_column"], data["text_pair_column"], data["label_column"])
     else:
         train, validation, provenance, columns = _load_hub_or_fallback(config)
+        _check_columns(validation, columns, task, f"{provenance['source']} (validation)")
     _check_columns(train, columns, task, provenance["source"])
     train, validation = _limit(train, data["max_train_samples"]), _limit(validation, data["max_eval_samples"])
     provenance.update(train_rows=len(train), eval_rows=len(validation))
     return train, validation, provenance, columns
 
 
-def _read_local(path, text_column):
+def _read_local(path, columns, task):
+    """Rows of a local .txt/.csv/.jsonl/.json file, checked row by row: a bad row is a ConfigError that names
+    the file and the line (or item), never a traceback or a row trained as the string "None"."""
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        raise ConfigError(f"{path} line {line}: not UTF-8 text (byte {e.start}); "
+                          f"save the file as UTF-8") from None
+    lines = io.StringIO(text, newline=None)  # \r\n and \r read as \n, as open() does
     if path.endswith(".txt"):  # one example per line
-        with open(path, encoding="utf-8") as f:
-            return [{text_column: line.rstrip("\n")} for line in f]
-    with open(path, encoding="utf-8-sig", newline="") as f:
-        if path.endswith(".csv"):
-            return list(csv.DictReader(f))
-        if path.endswith(".jsonl"):
-            return [json.loads(line) for line in f if line.strip()]
-        rows = json.load(f)  # a list of objects, or {"data": [...]}
-        return rows["data"] if isinstance(rows, dict) and "data" in rows else rows
+        return [{columns[0]: line.rstrip("\n")} for line in lines]
+    rows, where = [], []
+    if path.endswith(".csv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:
+            if None in row or None in row.values():  # more or fewer fields than the header
+                fields = len(row) - (None in row) - sum(v is None for v in row.values()) + len(row.get(None) or [])
+                raise ConfigError(f"{path} line {reader.line_num}: {fields} field(s) but the header has "
+                                  f"{len(reader.fieldnames)} ({', '.join(reader.fieldnames)})")
+            rows.append(row)
+            where.append(f"line {reader.line_num}")
+    elif path.endswith(".jsonl"):
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path} line {number}: expected a JSON object per line, got {_kind(row)}")
+            rows.append(row)
+            where.append(f"line {number}")
+    else:  # a list of objects, or {"data": [...]}
+        try:
+            loaded = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
+        if isinstance(loaded, dict):
+            if "data" not in loaded:
+                raise ConfigError(f"{path}: a JSON object must hold the examples under \"data\" (its keys: "
+                                  f"{', '.join(map(str, list(loaded)[:5])) or 'none'}); or write a list of objects")
+            loaded = loaded["data"]
+        if not isinstance(loaded, list):
+            raise ConfigError(f"{path}: expected a list of objects, got {_kind(loaded)}")
+        for number, row in enumerate(loaded):
+            if not isinstance(row, dict):
+                raise ConfigError(f"{path} item {number}: expected an object with the example's fields, "
+                                  f"got {_kind(row)}")
+        rows, where = loaded, [f"item {i}" for i in range(len(loaded))]
+    if not rows:
+        raise ConfigError(f"{path} holds no examples")
+    _check_columns(rows, columns, task, path, where)
+    return rows
+
+
+def _kind(value):
+    return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(
+        type(value), f"a {type(value).__name__}")
 
 
 def _limit(rows, limit):
@@ -99,7 +152,8 @@ def _in_datasets_cache(name):
     return os.path.isdir(cache) and any(name.replace("/", "___") in d for d in os.listdir(cache))
 
 
-def _check_columns(rows, columns, task, source):
+def _check_columns(rows, columns, task, source, where=None):
+    """Every row has every needed column, texts are strings, labels are numbers or strings of one kind."""
     text, pair, label = columns
     if not rows:
         raise ConfigError(f"the training data from {source} is empty")
@@ -108,9 +162,50 @@ def _check_columns(rows, columns, task, source):
     if missing:
         raise ConfigError(f"column(s) {', '.join(missing)} not in the data (columns: {', '.join(rows[0])}); "
                           f"set text_column / text_pair_column / label_column")
+    label_kind = None
+    for i, row in enumerate(rows):
+        at = f"{source} {where[i] if where else f'row {i + 1}'}"
+        for column in needed:
+            if column not in row:
+                raise ConfigError(f"{at}: no '{column}' field (the first row has one); every example needs it")
+        for column in (text, pair):
+            if column in needed and not isinstance(row[column], str):
+                raise ConfigError(f"{at}: '{column}' is {_kind(row[column])}, not a text")
+        if task != "classification" or not label:
+            continue
+        value = row[label]
+        if isinstance(value, str) and value.strip():
+            kind = "string"
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            kind = "number"
+        else:
+            raise ConfigError(f"{at}: label {value!r} is {_kind(value) if value != '' else 'empty'}; "
+                              f"expected a class number or name")
+        label_kind = label_kind or kind
+        if kind != label_kind:  # 1 and "1" would be two classes, and sorting them fails
+            raise ConfigError(f"{at}: label {value!r} is a {kind}, but earlier labels are {label_kind}s; "
+                              f"use one type for every label")
 
 
 # ----------------------------------------------------------------------------- tokenizing
+
+def check_max_length(model, max_length):
+    """Refuse a max_length beyond the positions a model with learned position embeddings has: a longer text
+    would otherwise crash mid-run ("size of tensor a (702) must match ... (512)"). Rotary models have no
+    such table and are not limited here."""
+    config = getattr(model, "config", None)
+    if config is None or any(getattr(config, k, None) for k in ("rope_theta", "rope_scaling", "rope_parameters")):
+        return
+    limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return
+    if config.model_type in ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "xmod",
+                             "roberta-prelayernorm") and isinstance(getattr(config, "pad_token_id", None), int):
+        limit -= config.pad_token_id + 1  # positions are counted from padding_idx + 1
+    if max_length > limit:
+        raise ConfigError(f"max_length {max_length} exceeds the {limit} positions of this {config.model_type} model; "
+                          f"a longer text would crash mid-run. Set max_length <= {limit}")
+
 
 def tokenize_classification(rows, tokenizer, columns, max_length, label_map=None):
     """One dict per example: input_ids, attention_mask (token_type_ids), labels. No padding here."""

@@ -21,7 +21,8 @@ from contextlib import contextmanager, nullcontext
 
 import torch
 
-from lora_linear import AdapterError, load_adapter, lora_disabled, merge_lora_weights, read_adapter_config
+from lora_linear import (ADAPTER_BIN_NAME, ADAPTER_WEIGHTS_NAME, AdapterError, load_adapter, lora_disabled,
+                         merge_lora_weights, read_adapter_config)
 from utils import ConfigError, load_base_model, pick_device
 
 DEMO_SENTENCES = [  # clearly positive, clearly negative, and mixed
@@ -49,14 +50,53 @@ def read_label_names(adapter_dir, num_labels):
     return ["negative", "positive"] if num_labels == 2 else [f"label_{i}" for i in range(num_labels)]
 
 
+HEAD_KEYS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
+TASKS = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}  # what load_base_model can build
+
+
 def num_labels_of(adapter_dir):
-    """The classification head's output size, read from the adapter's safetensors header."""
-    from safetensors import safe_open
-    with safe_open(os.path.join(adapter_dir, "adapter_model.safetensors"), "pt") as f:
-        for key in f.keys():
-            if key.endswith(("classifier.weight", "score.weight", "classifier.out_proj.weight")):
-                return f.get_slice(key).get_shape()[0]
+    """The classification head's output size, read from the adapter's safetensors header (or its older .bin)."""
+    path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
+    try:
+        if os.path.isfile(path):
+            from safetensors import safe_open
+            with safe_open(path, "pt") as f:
+                shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
+        else:
+            path = os.path.join(adapter_dir, ADAPTER_BIN_NAME)
+            from lora_linear import _read_weights
+            shapes = {key: list(t.shape) for key, t in _read_weights(adapter_dir)[1].items()}
+    except AdapterError:
+        raise
+    except Exception as e:
+        raise AdapterError(f"{path} is truncated or corrupt ({type(e).__name__}); re-save the adapter") from None
+    for key, shape in shapes.items():
+        if key.endswith(HEAD_KEYS):
+            return shape[0]
     return 2
+
+
+def task_of(config, adapter_dir):
+    """classification or causal_lm from the adapter's task_type (PEFT's names)."""
+    task_type = config.get("task_type")
+    if task_type is None:
+        return "causal_lm"  # PEFT's default task: a bare model, served here as a language model
+    if task_type not in TASKS:
+        raise AdapterError(f"{adapter_dir}: task_type {task_type!r} is not served by this script "
+                           f"(it runs {', '.join(TASKS)})")
+    return TASKS[task_type]
+
+
+def load_base(base, task, num_labels):
+    """load_base_model for the base an adapter names; a name that is not a loadable model is an AdapterError."""
+    try:
+        return load_base_model(base, task, num_labels)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise AdapterError(f"the base model {base!r} named in adapter_config.json cannot be loaded as a "
+                           f"{task} model ({type(e).__name__}: {first})") from None
 
 
 def load_for_inference(adapter_dir, device, merge=False):
@@ -65,15 +105,12 @@ def load_for_inference(adapter_dir, device, merge=False):
         raise AdapterError(f"adapter folder '{adapter_dir}' does not exist; train one first "
                            f"(python train_lora_basic.py) or pass --adapter_dir")
     config = read_adapter_config(adapter_dir)
-    task = "classification" if config.get("task_type") == "SEQ_CLS" else "causal_lm"
+    task = task_of(config, adapter_dir)
     base = config.get("base_model_name_or_path")
     if not base:
         raise AdapterError(f"{adapter_dir}/adapter_config.json names no base_model_name_or_path")
-    try:
-        num_labels = num_labels_of(adapter_dir) if task == "classification" else 2
-    except Exception as e:
-        raise AdapterError(f"{adapter_dir}/adapter_model.safetensors is truncated or corrupt ({e})") from e
-    model, tokenizer, provenance = load_base_model(base, task, num_labels)
+    num_labels = num_labels_of(adapter_dir) if task == "classification" else 2
+    model, tokenizer, provenance = load_base(base, task, num_labels)
     load_adapter(model, adapter_dir)
     if merge:
         merge_lora_weights(model)
@@ -139,10 +176,13 @@ class MultiPredictor(Predictor):
             raise ConfigError(f"--adapters must share one base model and task; got {sorted(map(str, bases))} "
                               f"and {sorted(map(str, tasks))}")
         first = next(iter(named_dirs.values()))
-        self.task = "classification" if tasks.pop() == "SEQ_CLS" else "causal_lm"
+        self.task = task_of(configs[next(iter(named_dirs))], first)
         num_labels = num_labels_of(first) if self.task == "classification" else 2
-        model, self.tokenizer, provenance = load_base_model(bases.pop(), self.task, num_labels)
-        self.multi = MultiAdapterModel(model.to(device))
+        base = bases.pop()
+        if not base:
+            raise AdapterError(f"{first}/adapter_config.json names no base_model_name_or_path")
+        model, self.tokenizer, provenance = load_base(base, self.task, num_labels)
+        self.multi = MultiAdapterModel(model.to(device), base_model_name_or_path=base)
         for name, folder in named_dirs.items():
             self.multi.load_adapter(name, folder)
         self.model, self.device, self.args = self.multi.model, device, args
@@ -254,9 +294,12 @@ def main(argv=None):
         if args.merge and args.compare_base:
             raise ConfigError("--compare_base needs the adapter unmerged; drop --merge")
         if args.adapters:
-            named = dict(pair.split("=", 1) for pair in args.adapters if "=" in pair)
-            if len(named) != len(args.adapters):
+            pairs = [pair.split("=", 1) for pair in args.adapters if "=" in pair]
+            if len(pairs) != len(args.adapters) or not all(name.strip() and folder for name, folder in pairs):
                 raise ConfigError("--adapters takes NAME=DIR pairs, e.g. --adapters sst=output lm=output_gpt2")
+            named = dict(pairs)
+            if len(named) != len(pairs):
+                raise ConfigError("--adapters names each adapter once; pick distinct names")
             if args.merge:
                 raise ConfigError("--merge cannot serve several adapters; drop --merge")
             for folder in named.values():

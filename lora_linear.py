@@ -361,16 +361,36 @@ def _compact_targets(model):
     return leaves if sorted(selected) == sorted(wrapped) else wrapped
 
 
+def resolve_modules_to_save(model, names):
+    """Full names of the modules that `names` select, by PEFT's rule for modules_to_save: a module is selected
+    when its full dotted name ends with one of the names, as a plain string suffix (so 'classifier' also
+    selects DistilBERT's 'pre_classifier', as in PEFT). Modules inside a selected one are not listed again."""
+    names = [names] if isinstance(names, str) else list(names or [])
+    found = []
+    for full, _ in model.named_modules():
+        if full and any(full.endswith(n) for n in names) and not any(full.startswith(f + ".") for f in found):
+            found.append(full)
+    return found
+
+
 def mark_only_lora_as_trainable(model, bias="none", modules_to_save=None):
     """Freeze everything except LoRA weights, the chosen biases and `modules_to_save`.
 
     modules_to_save=None keeps a sequence-classification head ('classifier', 'score') trainable: it is
     new and randomly initialised, and a frozen random head cannot learn. Pass [] to freeze it too.
+    Names are matched as PEFT matches them (see resolve_modules_to_save).
     """
     if bias not in BIAS_MODES:
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
     if modules_to_save is None:
-        modules_to_save = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+        heads = [n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)]
+        modules_to_save = resolve_modules_to_save(model, heads) if heads else []
+    else:
+        requested = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
+        modules_to_save = resolve_modules_to_save(model, requested)
+        unmatched = [n for n in requested if not any(m.endswith(n) for m in modules_to_save)]
+        if unmatched:
+            raise ValueError(f"modules_to_save {unmatched} match no module of this model")
     for name, param in model.named_parameters():
         param.requires_grad = ".lora.lora_" in "." + name
     for name in modules_to_save:
@@ -495,6 +515,42 @@ def _write_atomically(path, write):
     os.replace(tmp, path)  # readers see the old file or the new one, never half of one
 
 
+# PEFT's task types, by the transformers class that serves each (the auto-class mapping) or its name ending
+TASK_TYPES = (("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "ForSequenceClassification", "SEQ_CLS"),
+              ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "ForTokenClassification", "TOKEN_CLS"),
+              ("MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES", "ForQuestionAnswering", "QUESTION_ANS"),
+              ("MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES", "ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+              ("MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "ForCausalLM", "CAUSAL_LM"),
+              ("MODEL_MAPPING_NAMES", "Model", "FEATURE_EXTRACTION"))
+
+
+def infer_task_type(model):
+    """PEFT's task_type for this model, from its class (as PeftModelFor... would be chosen); None if unknown.
+
+    A sequence classifier is SEQ_CLS whether or not its head was marked trainable, a GPT-2 LMHeadModel is
+    CAUSAL_LM, a bare encoder FEATURE_EXTRACTION. A plain torch module has no PEFT task: None (PEFT's default).
+    """
+    classes = [c.__name__ for c in type(model).__mro__]  # a subclass of a known class counts as that class
+    try:
+        from transformers.models.auto import modeling_auto
+    except ImportError:  # pragma: no cover - lora_linear works with torch alone
+        modeling_auto = None
+    known = {}
+    for mapping_name, _, task in TASK_TYPES:
+        for value in getattr(modeling_auto, mapping_name, {}).values() if modeling_auto else ():
+            for name in (value,) if isinstance(value, str) else value:
+                known.setdefault(name, task)
+    for name in classes:
+        if name in known:
+            return known[name]
+        for _, ending, task in TASK_TYPES[:-1]:  # a class the auto mappings do not list
+            if name.endswith(ending):
+                return task
+        if name.endswith("LMHeadModel"):
+            return "CAUSAL_LM"
+    return None
+
+
 def save_adapter(model, output_dir, base_model_name_or_path=None, task_type=None):
     """Write the adapter in PEFT's format: adapter_config.json + adapter_model.safetensors."""
     from safetensors.torch import save_file
@@ -502,7 +558,7 @@ def save_adapter(model, output_dir, base_model_name_or_path=None, task_type=None
     if config is None:
         raise ValueError("this model has no LoRA layers: call apply_lora_to_model first")
     if task_type is None:
-        task_type = "SEQ_CLS" if config.get("modules_to_save") else "CAUSAL_LM"
+        task_type = infer_task_type(model)
     os.makedirs(output_dir, exist_ok=True)
     tensors = {_to_peft_key(k): v.detach().to("cpu").contiguous() for k, v in get_lora_state_dict(model).items()}
     # Scaling 'none' (s = 1) and fused slices have no PEFT spelling; peft_rank_alpha gives the r and alpha
@@ -530,54 +586,168 @@ def save_adapter(model, output_dir, base_model_name_or_path=None, task_type=None
     return output_dir
 
 
-def read_adapter_config(adapter_dir):
-    """adapter_config.json as a dict, checked to be a LoRA config this file can apply."""
-    path = os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)
-    if not os.path.isfile(path):
-        raise AdapterError(f"no {ADAPTER_CONFIG_NAME} in {adapter_dir}: point to a folder written by "
-                           f"save_adapter or PEFT's save_pretrained")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterError(f"{path} is not valid JSON ({e}); re-save the adapter") from e
-    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
-        found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
-        raise AdapterError(f"{path} is not a LoRA config (peft_type={found!r}); only LoRA adapters load here")
-    unsupported = [k for k in ("use_dora", "layers_to_transform")
-                   if config.get(k)]
+ADAPTER_BIN_NAME = "adapter_model.bin"  # what older PEFT (and torch.save) wrote
+# PEFT LoRA options that change the computation in ways this file does not implement: refused, never ignored
+UNSUPPORTED_OPTIONS = ("use_dora", "layers_to_transform", "lora_bias", "layer_replication", "megatron_config",
+                       "trainable_token_indices", "target_parameters", "alora_invocation_tokens", "use_qalora",
+                       "arrow_config")
+
+
+def _is_number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_rank(value):
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_pattern(path, key, patterns, valid, expected):
+    """rank_pattern / alpha_pattern: {regular expression: value}, as PEFT writes them."""
+    if patterns is None:
+        return
+    if not isinstance(patterns, dict):
+        raise AdapterError(f"{path}: {key} must be an object {{layer name: value}}, got {patterns!r}")
+    for pattern, value in patterns.items():
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise AdapterError(f"{path}: {key} key {pattern!r} is not a valid regular expression ({e})") from None
+        if not valid(value):
+            raise AdapterError(f"{path}: {key}[{pattern!r}] is {value!r}; expected {expected}")
+
+
+def check_adapter_config(config, path=ADAPTER_CONFIG_NAME):
+    """Raise AdapterError naming the first value of a LoRA adapter_config that cannot be applied here."""
+    def bad(key, expected):
+        shown = repr(config[key]) if key in config else "missing"
+        raise AdapterError(f"{path}: {key} is {shown}; expected {expected}. Re-save the adapter or fix the file")
+
+    if not _is_rank(config.get("r")):
+        bad("r", "a positive integer (the LoRA rank)")
+    if not (_is_number(config.get("lora_alpha")) and config["lora_alpha"] > 0):
+        bad("lora_alpha", "a number > 0")
+    dropout = config.get("lora_dropout")
+    if dropout is not None and not (_is_number(dropout) and 0 <= dropout < 1):
+        bad("lora_dropout", "a number in [0, 1)")
+    targets = config.get("target_modules")
+    if not ((isinstance(targets, str) and targets)
+            or (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets))):
+        bad("target_modules", "a list of module names or a regular expression string")
+    if isinstance(targets, str):
+        try:
+            re.compile(targets)
+        except re.error:
+            bad("target_modules", "a valid regular expression")
+    excluded = config.get("exclude_modules")
+    if excluded is not None and not (isinstance(excluded, str) or (
+            isinstance(excluded, list) and all(isinstance(t, str) and t for t in excluded))):
+        bad("exclude_modules", "a list of module names or a regular expression string")
+    _check_pattern(path, "rank_pattern", config.get("rank_pattern"), _is_rank, "a positive integer")
+    _check_pattern(path, "alpha_pattern", config.get("alpha_pattern"), lambda v: _is_number(v) and v > 0,
+                   "a number > 0")
+    if config.get("bias") not in (None,) + BIAS_MODES:
+        bad("bias", "one of " + ", ".join(BIAS_MODES))
+    saved = config.get("modules_to_save")
+    if saved is not None and not (isinstance(saved, list) and all(isinstance(m, str) and m for m in saved)):
+        bad("modules_to_save", "a list of module names or null")
+    if config.get("use_rslora") not in (None, True, False):
+        bad("use_rslora", "true or false")
+    for key in ("base_model_name_or_path", "task_type"):
+        if config.get(key) is not None and not isinstance(config[key], str):
+            bad(key, "a string or null")
+    unsupported = [k for k in UNSUPPORTED_OPTIONS if config.get(k)]
     if unsupported:
         raise AdapterError(f"{path} uses {', '.join(unsupported)}, which this hand-written LoRA does not implement")
     return config
 
 
-def read_adapter(adapter_dir):
-    """(config, state): the checked config and the weights under this file's parameter names."""
+def read_adapter_config(adapter_dir):
+    """adapter_config.json as a dict, checked to be a LoRA config this file can apply (else AdapterError)."""
+    path = os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise AdapterError(f"no {ADAPTER_CONFIG_NAME} in {adapter_dir}: point to a folder written by "
+                           f"save_adapter or PEFT's save_pretrained")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterError(f"{path} is not valid JSON ({e}); re-save the adapter") from e
+    except OSError as e:
+        raise AdapterError(f"{path} cannot be read ({e.strerror or e})") from e
+    if not isinstance(config, dict) or config.get("peft_type") != "LORA":
+        found = config.get("peft_type") if isinstance(config, dict) else type(config).__name__
+        raise AdapterError(f"{path} is not a LoRA config (peft_type={found!r}); only LoRA adapters load here")
+    return check_adapter_config(config, path)
+
+
+def _read_weights(adapter_dir):
+    """The adapter's tensors by their file keys: adapter_model.safetensors, else an older adapter_model.bin read
+    with torch.load(weights_only=True), which rebuilds tensors and containers only and never runs pickled code."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    config = read_adapter_config(adapter_dir)
     weights = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
+    if os.path.isfile(weights):
+        try:
+            return weights, load_file(weights)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise AdapterError(f"{weights} is truncated or corrupt ({e}); re-save or re-download it") from e
+    weights = os.path.join(adapter_dir, ADAPTER_BIN_NAME)
     if not os.path.isfile(weights):
-        pickled = os.path.isfile(os.path.join(adapter_dir, "adapter_model.bin"))
-        raise AdapterError(f"no {ADAPTER_WEIGHTS_NAME} in {adapter_dir}"
-                           + (" (only a pickled adapter_model.bin, which is never unpickled here: re-save "
-                              "it with safetensors)" if pickled else ""))
+        raise AdapterError(f"no {ADAPTER_WEIGHTS_NAME} (or older {ADAPTER_BIN_NAME}) in {adapter_dir}")
     try:
-        state = {_from_peft_key(k): v for k, v in load_file(weights).items()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterError(f"{weights} is truncated or corrupt ({e}); re-save or re-download it") from e
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated zip, or a pickle that asks for code (refused by weights_only)
+        raise AdapterError(f"{weights} cannot be read as tensors ({type(e).__name__}): it is truncated, corrupt or "
+                           f"pickles other objects, which are never unpickled here; re-save the adapter") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise AdapterError(f"{weights} does not hold a {{name: tensor}} state dict; re-save the adapter")
+    return weights, state
+
+
+def read_adapter(adapter_dir):
+    """(config, state): the checked config and the weights under this file's parameter names."""
+    config = read_adapter_config(adapter_dir)
+    weights, tensors = _read_weights(adapter_dir)
+    state = {}
+    for key, value in tensors.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            # e.g. a run that diverged: loading it would only print nan scores
+            raise AdapterError(f"{weights} holds non-finite values (nan or inf) in {key}; it cannot be used")
+        state[_from_peft_key(key)] = value
     return config, state
 
 
+def adapter_target_names(model, config):
+    """Full names of the layers an adapter config adapts in `model`, with PEFT's rules: target_modules (names
+    matched exactly or as a dotted suffix, a regular expression string, or all-linear), less exclude_modules."""
+    try:
+        names = find_target_modules(model, config["target_modules"])
+    except ValueError as e:
+        raise AdapterError(f"adapter does not fit this model: {e}") from None
+    excluded = config.get("exclude_modules")
+    if excluded:
+        names = [n for n in names if not (re.fullmatch(excluded, n) if isinstance(excluded, str)
+                                          else any(_matches(n, e) for e in excluded))]
+        if not names:
+            raise AdapterError("exclude_modules removes every target of the adapter")
+    return names
+
+
 def load_adapter(model, adapter_dir):
-    """Apply the adapter in `adapter_dir` to `model` (a bare base model or one already LoRA-wrapped)."""
+    """Apply the adapter in `adapter_dir` to `model` (a bare base model or one already LoRA-wrapped).
+
+    Raises AdapterError for anything that keeps the adapter from loading: a bad config value, missing or
+    corrupt weights, or weights that do not fit this model.
+    """
+    if not isinstance(model, nn.Module):
+        raise AdapterError(f"load_adapter needs the base model (a torch nn.Module), got {type(model).__name__}")
     config, state = read_adapter(adapter_dir)
     if not lora_layers(model):
-        apply_lora_to_model(model, config["target_modules"], config["r"], config["lora_alpha"],
+        targets = adapter_target_names(model, config)
+        apply_lora_to_model(model, targets, config["r"], config["lora_alpha"],
                             config.get("lora_dropout") or 0.0,
                             scaling_mode="rslora" if config.get("use_rslora") else "standard",
                             rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"))
         mark_only_lora_as_trainable(model, config.get("bias") or "none",
-                                    [m for m in config.get("modules_to_save") or []
-                                     if isinstance(getattr(model, m, None), nn.Module)])
+                                    resolve_modules_to_save(model, config.get("modules_to_save") or []))
     return load_lora_state_dict(model, state)

@@ -15,14 +15,23 @@ Adapters of different rank share a bank by zero-padding to the largest rank (zer
 Merged weights cannot serve several adapters, so they are refused.
 """
 
+import os
+import warnings
 from contextlib import contextmanager
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lora_linear import (AdapterError, Conv1D, LinearWithLoRA, find_target_modules, lora_layers, lora_scaling,
-                         pattern_value, read_adapter)
+from lora_linear import (AdapterError, Conv1D, LinearWithLoRA, adapter_target_names, lora_layers, lora_scaling,
+                         pattern_value, read_adapter, resolve_modules_to_save)
+
+
+def _same_base(a, b):
+    """Two base model names point to the same model: equal, or the same local folder."""
+    if a == b:
+        return True
+    return os.path.isdir(a) and os.path.isdir(b) and os.path.samefile(a, b)
 
 
 class LoRABank(nn.Module):
@@ -101,7 +110,9 @@ class HeadBank(nn.Module):
 class MultiAdapterModel:
     """A frozen base model plus named adapters. Call it like the model; choose with set_adapter / rows."""
 
-    def __init__(self, model):
+    def __init__(self, model, base_model_name_or_path=None):
+        """base_model_name_or_path: the name adapters record for this base (default: the model's own
+        name_or_path); an adapter that names another base is loaded with a warning."""
         if any(layer.merged for _, layer in lora_layers(model)):
             raise RuntimeError("LoRA weights are merged into this model; several adapters need an unmerged base")
         if lora_layers(model):
@@ -112,16 +123,20 @@ class MultiAdapterModel:
         self.names = [None]  # slot 0: no adapter
         self.banks = {}      # layer name -> LoRABank
         self.heads = {}      # module name -> HeadBank
+        self.base_name = base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None) or None
 
     # ------------------------------------------------------------------ adapters
     def load_adapter(self, name, adapter_dir):
-        """Load an adapter saved by this repo or by PEFT under `name`."""
+        """Load an adapter saved by this repo or by PEFT under `name` (a non-empty string)."""
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"an adapter name must be a non-empty string, got {name!r} (None is the base model)")
         if name in self.names:
             raise ValueError(f"an adapter named {name!r} is already loaded; delete it first or pick another name")
         config, state = read_adapter(adapter_dir)
-        targets = find_target_modules(self.model, config["target_modules"])
-        heads = [m for m in config.get("modules_to_save") or [] if isinstance(getattr(self.model, m, None), nn.Module)]
+        targets = adapter_target_names(self.model, config)
+        heads = resolve_modules_to_save(self.model, config.get("modules_to_save") or [])
         self._check_shapes(name, state, targets, heads)
+        self._check_base(name, config.get("base_model_name_or_path"))
         for layer_name in targets:
             if layer_name not in self.banks:
                 self._wrap(layer_name)
@@ -157,6 +172,16 @@ class MultiAdapterModel:
         if problems:
             raise AdapterError(f"adapter {name!r} does not fit this base model at {', '.join(problems[:4])}")
 
+    def _check_base(self, name, adapter_base):
+        """Shapes can match across different checkpoints of one architecture: compare the recorded base names."""
+        if not adapter_base:
+            return
+        if self.base_name is None:
+            self.base_name = adapter_base  # the first adapter that names its base sets what later ones must name
+        elif not _same_base(adapter_base, self.base_name):
+            warnings.warn(f"adapter {name!r} was trained on {adapter_base!r}, but this base model is "
+                          f"{self.base_name!r}; its outputs may be meaningless", stacklevel=3)
+
     def _wrap(self, layer_name):
         parent_name, _, child = layer_name.rpartition(".")
         parent = self.model.get_submodule(parent_name)
@@ -175,7 +200,8 @@ class MultiAdapterModel:
         bank = HeadBank(head)
         for _ in self.names[1:]:
             bank.add()
-        setattr(self.model, head_name, bank)
+        parent_name, _, child = head_name.rpartition(".")
+        setattr(self.model.get_submodule(parent_name), child, bank)
         self.heads[head_name] = bank
 
     def _all_banks(self):
@@ -188,6 +214,8 @@ class MultiAdapterModel:
 
     def delete_adapter(self, name):
         slot = self._slot(name)
+        if slot == 0:  # None or 0: the base model itself, which every other slot builds on
+            raise ValueError("slot 0 is the base model and cannot be deleted; name a loaded adapter")
         for bank in self._all_banks():
             bank.remove(slot)
             bank.active = 0 if bank.active == slot else bank.active - (bank.active > slot)
@@ -200,7 +228,7 @@ class MultiAdapterModel:
     def _slot(self, name):
         if name is None:
             return 0
-        if isinstance(name, int):
+        if isinstance(name, int) and not isinstance(name, bool):
             if not 0 <= name < len(self.names):
                 raise KeyError(f"adapter index {name} out of range 0..{len(self.names) - 1}")
             return name

@@ -7,6 +7,7 @@ import argparse
 import copy
 import difflib
 import json
+import math
 import os
 import platform
 import random
@@ -65,6 +66,7 @@ OPTIONAL_POSITIVE_INT = {"max_train_samples", "max_eval_samples"}
 POSITIVE_FLOAT = {"alpha", "learning_rate", "max_grad_norm"}
 FLOAT_RANGES = {"dropout": (0.0, 1.0, "[0, 1)"), "warmup_ratio": (0.0, 1.0 + 1e-12, "[0, 1]"),
                 "validation_fraction": (1e-9, 1.0, "(0, 1)"), "weight_decay": (0.0, float("inf"), ">= 0")}
+MAX_INT = 2**31 - 1
 BOOLS = {"fp16", "bf16", "gradient_checkpointing", "group_by_length", "pad_to_max_length"}
 # The seed course's flag spellings.
 ALIASES = {"model": "model_name", "epochs": "num_epochs", "lr": "learning_rate", "output": "output_dir"}
@@ -124,17 +126,19 @@ def _check_value(key, value):
             return None
         try:
             number = int(value) if not isinstance(value, bool) and float(value) == int(float(value)) else None
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):  # OverflowError: inf
             number = None
         low = 0 if key in NON_NEGATIVE_INT else 1
-        if number is None or number < low:
-            fail("an integer >= %d" % low)
+        if number is None or not low <= number <= MAX_INT:  # 1e30 would reach the model as a huge tensor size
+            fail(f"an integer in [{low}, {MAX_INT}]")
         return number
     if key in POSITIVE_FLOAT or key in FLOAT_RANGES:
         try:
             number = float(value)  # YAML reads 5e-4 as a string: accept it
         except (TypeError, ValueError):
             fail("a number")
+        if not math.isfinite(number):  # inf or nan would train nothing but nan
+            fail("a finite number")
         if key in POSITIVE_FLOAT and not number > 0:
             fail("a number > 0")
         if key in FLOAT_RANGES:
@@ -216,6 +220,8 @@ def _read_yaml(path):
     try:
         with open(path, encoding="utf-8") as f:
             loaded = yaml.safe_load(f) or {}
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
     if not isinstance(loaded, dict):
@@ -573,29 +579,44 @@ SWEEP_FIELDS = ("rank", "alpha", "target_modules", "learning_rate", "scaling", "
 
 
 def collect_runs(results_dir):
-    """Every training_metrics.json below results_dir: (runs, problems)."""
+    """Every training_metrics.json below results_dir: (runs, problems). A file that cannot be read or lacks a
+    value the table needs is a problem (the run is skipped), never an abort of the whole table. Hidden folders
+    (a run being overwritten is moved aside into one) are not runs."""
     runs, problems = [], []
-    for root, _, files in sorted(os.walk(results_dir)):
+    for root, dirs, files in os.walk(results_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         if "training_metrics.json" in files:
             path = os.path.join(root, "training_metrics.json")
             try:
-                with open(path) as f:
+                with open(path, encoding="utf-8") as f:
                     metrics = json.load(f)
                 runs.append({"run": os.path.relpath(root, results_dir), **_run_row(metrics)})
-            except (json.JSONDecodeError, KeyError, TypeError) as e:
-                problems.append(f"{path}: unreadable ({type(e).__name__}: {e})")
+            except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:  # ValueError: JSON, UTF-8
+                problems.append(f"{path}: unreadable ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     return runs, problems
+
+
+def _number(value, what):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{what} is {value!r}, not a number")
+    return value
 
 
 def _run_row(metrics):
     config = metrics["config"]
     targets = metrics.get("adapted_layers") or config["lora"]["target_modules"] or "default"
-    return {"rank": config["lora"]["rank"], "alpha": config["lora"]["alpha"],
+    metric = metrics["best"]["metric_name"]
+    if metric not in ("accuracy", "perplexity"):
+        raise ValueError(f"best metric_name is {metric!r}")
+    peak = metrics.get("peak_memory_mb")
+    return {"rank": _number(config["lora"]["rank"], "rank"), "alpha": _number(config["lora"]["alpha"], "alpha"),
             "target_modules": targets if isinstance(targets, str) else ",".join(targets),
             "learning_rate": config["training"]["learning_rate"], "scaling": config["lora"]["scaling"],
-            "precision": metrics.get("precision"), "trainable": metrics["parameters"]["trainable"],
-            "metric": metrics["best"]["metric_name"], "best": metrics["best"]["value"],
-            "time_s": metrics["train_time_s"], "peak_mb": metrics.get("peak_memory_mb")}
+            "precision": metrics.get("precision"), "trainable": int(_number(metrics["parameters"]["trainable"],
+                                                                            "trainable parameters")),
+            "metric": metric, "best": _number(metrics["best"]["value"], "best value"),
+            "time_s": _number(metrics["train_time_s"], "train_time_s"),
+            "peak_mb": _number(peak, "peak_memory_mb") if peak is not None else None}
 
 
 def compare_ranks(results_dir, sort_by=None):
@@ -603,21 +624,25 @@ def compare_ranks(results_dir, sort_by=None):
         raise ConfigError(f"results_dir '{results_dir}' does not exist; train some runs into it first")
     runs, problems = collect_runs(results_dir)
     for problem in problems:
-        print(f"skipped {problem}")
+        print(f"warning: skipped {problem}")
     if not runs:
         raise ConfigError(f"no training_metrics.json found below '{results_dir}'; run e.g. "
                           f"python train_lora_basic.py --rank 4 --output_dir {results_dir}/rank_4")
     varying = [f for f in SWEEP_FIELDS if len({str(r[f]) for r in runs}) > 1] or ["rank"]
     key = sort_by or varying[0]
-    runs.sort(key=lambda r: (r[key] is None, r[key]))
+    runs.sort(key=lambda r: (r[key] is None, str(type(r[key])), r[key] if r[key] is not None else 0))
+    metrics = sorted({r["metric"] for r in runs})
     print(f"{len(runs)} runs in {results_dir}; varying: {', '.join(varying)}")
-    header = f"{'run':<22}{'rank':>5}{'alpha':>7}  {'targets':<18}{'trainable':>11}{'best ' + runs[0]['metric']:>16}" \
+    if len(metrics) > 1:  # accuracy (higher is better) and perplexity (lower) are never one column
+        print(f"note: these runs report different metrics ({' and '.join(metrics)}); compare each within its own")
+    # the metric is named on every row: a classification and a language-model run can share a results folder
+    header = f"{'run':<22}{'rank':>5}{'alpha':>7}  {'targets':<18}{'trainable':>11}  {'metric':<11}{'best':>9}" \
              f"{'time s':>9}{'peak MB':>9}"
     print(header + "\n" + "-" * len(header))
     for r in runs:
         peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
         print(f"{r['run'][:21]:<22}{r['rank']:>5}{r['alpha']:>7g}  {r['target_modules'][:17]:<18}{r['trainable']:>11,}"
-              f"{r['best']:>16.4f}{r['time_s']:>9.1f}{peak:>9}")
+              f"  {r['metric']:<11}{r['best']:>9.4f}{r['time_s']:>9.1f}{peak:>9}")
     plot_path = os.path.join(results_dir, f"comparison_{key}.png")
     _plot_comparison(runs, key, plot_path)
     print(f"plot: {plot_path}")
@@ -625,22 +650,28 @@ def compare_ranks(results_dir, sort_by=None):
 
 
 def _plot_comparison(runs, key, path):
+    """Best metric, trainable parameters and time per run; one metric panel per metric (never mixed)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    labels = [str(r[key]) for r in runs]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
-    for ax, field, title in zip(axes, ("best", "trainable", "time_s"),
-                                (f"best {runs[0]['metric']}", "trainable parameters", "training time (s)")):
-        ax.bar(range(len(runs)), [r[field] for r in runs], color="tab:blue")
-        ax.set_xticks(range(len(runs)), labels, rotation=30 if len(labels) > 6 else 0)
+    metrics = sorted({r["metric"] for r in runs})
+    panels = [("best", f"best {m}", m) for m in metrics] + [("trainable", "trainable parameters", None),
+                                                             ("time_s", "training time (s)", None)]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.4 * len(panels), 3.8))
+    for ax, (field, title, metric) in zip(axes, panels):
+        shown = [r for r in runs if metric is None or r["metric"] == metric]
+        labels = [str(r[key]) for r in shown]
+        values = [r[field] for r in shown]
+        ax.bar(range(len(shown)), values, color="tab:blue")
+        ax.set_xticks(range(len(shown)), labels, rotation=30 if len(labels) > 6 else 0)
         ax.set(title=title, xlabel=key)
         ax.grid(axis="y", alpha=0.3)
-    metric_values = [r["best"] for r in runs]
-    axes[0].set_ylim(min(metric_values) - 0.05 * (abs(min(metric_values)) or 1), max(metric_values) * 1.02 or 1)
+        if metric is not None:
+            ax.set_ylim(min(values) - 0.05 * (abs(min(values)) or 1), max(values) * 1.02 or 1)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path + ".tmp.png", dpi=110)
     plt.close(fig)
+    os.replace(path + ".tmp.png", path)
 
 
 def main(argv=None):
