@@ -61,10 +61,10 @@ def is_path_like(name: str) -> bool:
 def task_from_config(config: dict) -> Optional[str]:
     """classification | causal_lm from a config.json: its architectures first, then its model_type."""
     architectures = config.get("architectures") or []
-    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
-        return "causal_lm"
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
-        return "classification"
+    if any(a.endswith("ForCausalLM") or a.endswith("LMHeadModel") and "With" not in a for a in architectures):
+        return "causal_lm"  # GPT2LMHeadModel, LlamaForCausalLM (not T5WithLMHeadModel, an encoder-decoder)
+    if any(a.endswith(("ForSequenceClassification", "ForMaskedLM", "ForPreTraining")) for a in architectures):
+        return "classification"  # an encoder: fine-tuned here with a new classification head
     family = FAMILIES.get(config.get("model_type"))
     return family.task if family else None
 
@@ -96,8 +96,8 @@ def detect_task(model_name: str) -> tuple:
     config = read_model_config(model_name)
     if config is not None:
         task = task_from_config(config)
-        if task:
-            return task, f"its config (model_type {config.get('model_type')!r})"
+        return task, (f"its config (model_type {config.get('model_type')!r})" if task else
+                      f"unknown: its config (model_type {config.get('model_type')!r}) names no known architecture")
     guess = next((FAMILIES[t].task for t in sorted(FAMILIES, key=len, reverse=True)
                   if t in os.path.basename(model_name.rstrip("/")).lower()), None)
     if guess:

@@ -6,7 +6,7 @@ Use a trained LoRA adapter: classify sentences, or continue a prompt with a caus
     python inference_example.py --mode text --text "This is amazing!"
     python inference_example.py --mode text --text "..." --compare_base   # with and without the adapter
     python inference_example.py --mode text --text "..." --merge          # B A folded into W0 first
-    python inference_example.py --adapter_dir output_gpt2 --mode text --text "The history of" --max_new_tokens 40
+    python inference_example.py --adapter_dir results/gpt2_cpu --mode text --text "The history of" --max_new_tokens 40
     python inference_example.py --adapters sst=output other=results/rank_4 --mode demo   # several adapters
 
 The base model named in adapter_config.json is resolved exactly as in training (local folder, Hub or its
@@ -296,7 +296,7 @@ def main(argv=None):
         if args.adapters:
             pairs = [pair.split("=", 1) for pair in args.adapters if "=" in pair]
             if len(pairs) != len(args.adapters) or not all(name.strip() and folder for name, folder in pairs):
-                raise ConfigError("--adapters takes NAME=DIR pairs, e.g. --adapters sst=output lm=output_gpt2")
+                raise ConfigError("--adapters takes NAME=DIR pairs, e.g. --adapters sst=output lm=results/gpt2_cpu")
             named = dict(pairs)
             if len(named) != len(pairs):
                 raise ConfigError("--adapters names each adapter once; pick distinct names")

@@ -161,16 +161,16 @@ class LoRALayer(nn.Module):
         """The inverse of peft_B; refuses a B with updates outside the enabled blocks."""
         if self.parts is None:
             return self.lora_B.copy_(dense)
-        outside = dense.clone()
+        outside, blocks = dense.clone(), []
         slots = [i for i, on in enumerate(self.parts) if on]
         for k, i in enumerate(slots):
             rows, cols = slice(i * self.part_size, (i + 1) * self.part_size), slice(k * self.rank, (k + 1) * self.rank)
-            self.lora_B[k * self.part_size:(k + 1) * self.part_size] = dense[rows, cols]
+            blocks.append(dense[rows, cols])
             outside[rows, cols] = 0
-        if torch.count_nonzero(outside):
+        if torch.count_nonzero(outside):  # checked before anything is written: a refused adapter changes nothing
             raise AdapterError("the adapter updates slices of a fused layer that this model keeps frozen "
                                "(e.g. GPT-2's k third of c_attn); apply it with the same target_modules")
-        return self.lora_B
+        return self.lora_B.copy_(torch.cat(blocks))
 
 
 class LinearWithLoRA(nn.Module):
@@ -265,7 +265,7 @@ def default_targets(model):
 def resolve_targets(model, target_modules=None):
     """{layer name: parts or None}: which layers get LoRA, and for a fused layer which slices (else None).
 
-    target_modules: None (default_targets: W_q and W_v, the paper's choice), 'all' (every Linear/Conv1D but the output head),
+    target_modules: None (default_targets: W_q and W_v, the paper's choice; GPT-2: all of c_attn), 'all' (every Linear/Conv1D but the output head),
     a regex string over the full name (as PEFT reads a string), or a list of names. A name is a role
     (q_proj, k_proj, v_proj, o_proj, or q, k, v, o), resolved to this architecture's layer, or a layer name
     matched by PEFT's exact name-or-suffix rule.
@@ -288,6 +288,8 @@ def resolve_targets(model, target_modules=None):
             layer = roles.get(ROLE_ALIASES.get(t, t), ROLE_ALIASES.get(t, t))
             name, part, parts = layer if isinstance(layer, tuple) else (layer, None, None)
             per_target[t] = [(n, (part, parts) if part is not None else None) for n in modules if _matches(n, name)]
+            if not per_target[t] and name != t:  # a model whose layers are literally named q, v, ... (T5)
+                per_target[t] = [(n, None) for n in modules if _matches(n, t)]
     leaf_names = list(dict.fromkeys(n.rsplit(".", 1)[-1] for n in sorted(wrapped) + linears))
     for t in targets:
         if not per_target[t]:

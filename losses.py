@@ -8,15 +8,18 @@ Here the head and the cross-entropy run on chunks of positions, and each chunk's
 the hidden states, (softmax - one_hot) W, is computed right away, while its logits are at hand. The backward
 pass then only scales that stored gradient. Memory holds one chunk of logits instead of all of them, and no
 logits are recomputed. The head's weight is frozen in LoRA (the LM head is tied to the embeddings and not
-adapted), so no gradient for it is needed; a trainable head falls back to the model's own loss.
+adapted), so no gradient for it is needed; a trainable head, or an architecture that transforms its logits
+after the head, falls back to the model's own loss.
 """
-
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
+from transformers.modeling_outputs import CausalLMOutput
 
 IGNORE_INDEX = -100  # labels with this value do not count (transformers' convention)
+# Architectures whose logits are exactly lm_head(last hidden state). Others scale or cap them after the head
+# (Gemma's softcapping, Cohere's logit_scale, Granite's logits_scaling): they keep their own loss.
+PLAIN_HEADS = ("gpt2", "llama", "mistral", "qwen2")
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -47,7 +50,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         grad, count = ctx.saved_tensors
-        return grad * (grad_output / count).to(grad.dtype), None, None, None, None
+        scale = grad_output.float() / count  # in fp32: a bf16 scale would be off by up to 0.4%
+        return (grad.float() * scale).to(grad.dtype), None, None, None, None
 
 
 class ChunkedCausalLM(nn.Module):
@@ -61,7 +65,8 @@ class ChunkedCausalLM(nn.Module):
 
     def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
         head = self.model.get_output_embeddings()
-        if labels is None or head is None or head.weight.requires_grad or getattr(head, "bias", None) is not None:
+        if (labels is None or head is None or head.weight.requires_grad or getattr(head, "bias", None) is not None
+                or getattr(self.model.config, "model_type", None) not in PLAIN_HEADS):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                                        **kwargs).last_hidden_state
@@ -69,4 +74,4 @@ class ChunkedCausalLM(nn.Module):
         targets = labels[:, 1:].reshape(-1)
         want_grad = torch.is_grad_enabled() and hidden.requires_grad
         loss = _ChunkedLinearCrossEntropy.apply(hidden, head.weight, targets, self.chunk_size, want_grad)
-        return SimpleNamespace(loss=loss, logits=None)
+        return CausalLMOutput(loss=loss)

@@ -438,7 +438,27 @@ def _check_local_head(config):
 
 # ----------------------------------------------------------------------------- training
 
+def already_done(config, args):
+    """A sweep that reaches a configuration it already finished (its folder is named by the configuration):
+    the run's result, else None. The course's loops can then be run again without an error."""
+    metrics_path = os.path.join(config["output_dir"], "training_metrics.json")
+    if args.resume or args.overwrite_output_dir or not config.get("track", {}).get("named_by_configuration") \
+            or not os.path.isfile(metrics_path) or newest_checkpoint(config["output_dir"]):
+        return None
+    try:
+        with open(metrics_path, encoding="utf-8") as f:
+            best = json.load(f)["best"]
+        return f"{best['metric_name']} {float(best['value']):.4f}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: claim_output_dir explains what to do
+
+
 def train(config, args, callbacks=()):
+    done = already_done(config, args)
+    if done:
+        print(f"{config['output_dir']} already holds a finished run of this configuration (best {done}); nothing "
+              f"to do. --overwrite_output_dir trains it again.")
+        return 0
     rank, world_size, device = setup_distributed(config)
     is_main = rank == 0
     output_dir = config["output_dir"]
@@ -463,8 +483,9 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
     output_dir, training, task = config["output_dir"], config["training"], config["task"]
     setup_logging(output_dir, is_main)
     precision = resolve_precision(training["precision"], device)
-    if training["base_dtype"] == "auto":  # frozen weights in the precision the matmuls run in (fp32 LoRA, head)
-        training["base_dtype"] = precision
+    if training["base_dtype"] == "auto":  # bf16 runs keep the frozen weights in bf16 (LoRA and head stay fp32);
+        # fp16 keeps them in fp32: a base pretrained in bf16 can overflow fp16's range in norms and residuals
+        training["base_dtype"] = "bf16" if precision == "bf16" else "fp32"
     if training["base_dtype"] != "fp32" and precision != training["base_dtype"]:
         raise ConfigError(f"base_dtype: {training['base_dtype']} needs precision: {training['base_dtype']} (autocast "
                           f"joins the half-precision base with the fp32 LoRA weights and head); add "
@@ -546,7 +567,7 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
         from torch.utils.tensorboard import SummaryWriter
         # purge_step: events a killed run logged after its checkpoint are dropped, not shown twice
         writer = SummaryWriter(config["logging_dir"] or os.path.join(output_dir, "logs"),
-                               purge_step=state["step"] if args.resume else None)
+                               purge_step=state["step"] if args.resume else 0 if args.overwrite_output_dir else None)
     previous_handler = signal.signal(signal.SIGINT, request_stop) if is_main and world_size == 1 else None
 
     def save_best(result):
@@ -610,7 +631,8 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
             train_loader.batch_sampler.set_epoch(state["epoch"], skip_batches=state["batch_in_epoch"])
             bar = tqdm(train_loader, desc=f"epoch {state['epoch'] + 1}/{training['num_epochs']}",
                        disable=not is_main, initial=state["batch_in_epoch"],
-                       total=len(train_loader) + state["batch_in_epoch"], leave=False)
+                       total=min(len(train_loader) + state["batch_in_epoch"],  # max_steps may end the epoch early
+                                 state["batch_in_epoch"] + (total_steps - state["step"]) * accumulation), leave=False)
             batches_in_epoch = len(train_loader) + state["batch_in_epoch"]
             for batch in bar:
                 batch = {k: v.to(device) for k, v in batch.items()}

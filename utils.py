@@ -249,14 +249,19 @@ def load_config(args):
     flags = {key: getattr(args, key) for key in LEAF_PATHS if getattr(args, key, None) is not None}
     check = copy.deepcopy(DEFAULT_CONFIG)
     _merge(check, user)  # unknown keys fail here, before anything is looked up
-    model_name = str(flags.get("model_name") or check["model_name"])
-    if families.is_path_like(model_name) and not os.path.isdir(os.path.expanduser(model_name)):
+    model_name = os.path.expanduser(str(flags.get("model_name") or check["model_name"]))
+    if families.is_path_like(model_name) and not os.path.isdir(model_name):
         raise ConfigError(f"model '{model_name}' looks like a path but no such folder exists; check the path, "
                           f"or pass a Hugging Face id such as gpt2 or bert-base-uncased")
-    task, task_reason = flags.get("task") or user.get("task"), "set in your config or flags"
-    if task is None:
-        task, task_reason = families.detect_task(model_name)
-        task = _check_value("task", task) if task else "classification"
+    flags["model_name"] = model_name
+    own_task, task_reason = families.detect_task(model_name)
+    task = flags.get("task") or user.get("task")
+    if task is not None:
+        task_reason = "set in your config or flags"
+    elif own_task is None:
+        raise ConfigError(f"cannot tell whether '{model_name}' is a classifier or a causal LM ({task_reason}); "
+                          f"pass --task classification or --task causal_lm")
+    task = _check_value("task", task or own_task)
     track = copy.deepcopy(DEFAULT_CONFIG)
     if task == "causal_lm":
         _merge(track, _read_yaml(families.track_config_path("causal_lm")))
@@ -272,28 +277,36 @@ def load_config(args):
     for key in ("offline_model", "offline_dataset"):
         if config["fallback"][key] == "auto":
             config["fallback"][key] = getattr(families.TRACKS[config["task"]], key)
-    config["output_dir"], config["logging_dir"] = run_folders(config, validate_config(track))
-    config["track"] = {"task": config["task"], "decided_by": task_reason}
+    asset = config["fallback"]["offline_model"]
+    if asset and families.ASSET_TASKS[asset] != config["task"]:
+        raise ConfigError(f"fallback.offline_model {asset} is a {families.ASSET_TASKS[asset]} model but the task "
+                          f"is {config['task']}; use offline_model: auto")
+    # a task other than the model's own (GPT-2 as a classifier) is part of the run's name
+    name_extra = [f"task-{task}"] if own_task and task != own_task else []
+    config["output_dir"], config["logging_dir"] = run_folders(config, validate_config(track), name_extra)
+    config["track"] = {"task": config["task"], "decided_by": task_reason,
+                       "named_by_configuration": (flags.get("output_dir") or user.get("output_dir")) is None}
     return config
 
 
-def run_folders(config, track_defaults):
+def run_folders(config, track_defaults, name_extra=()):
     """(output_dir, logging_dir). No output_dir: one folder per configuration, results/<run name>, named by
     the model and every setting that differs from the track's defaults, so a sweep never overwrites or
     refuses an earlier run with other settings. A bare name goes to results/<name>; a path is kept."""
     output_dir = config["output_dir"]
     if output_dir and (os.sep in output_dir or "/" in output_dir or output_dir.startswith((".", "~"))):
         return output_dir, config["logging_dir"] or os.path.join(output_dir, "logs")
-    name = output_dir or run_name(config, track_defaults)
+    name = output_dir or run_name(config, track_defaults, name_extra)
     return os.path.join(RESULTS_ROOT, name), config["logging_dir"] or os.path.join(LOGS_ROOT, name)
 
 
-def run_name(config, track_defaults):
+def run_name(config, track_defaults, extra=()):
     """e.g. gpt2, bert-base-uncased_alpha4, bert-base-uncased_rank16_target_modules-q_proj+k_proj+v_proj."""
     ignored = {"model_name", "output_dir", "logging_dir", "device", "num_workers", "offline_model",
-               "offline_dataset"}
+               "offline_dataset", "logging_steps", "eval_batch_size"}  # these do not change the result
     default, current = _leaves(track_defaults), _leaves(config)
-    parts = [os.path.basename(str(config["model_name"]).rstrip("/")) or "model"]
+    model = str(config["model_name"]).rstrip("/")
+    parts = [os.path.basename(model) if os.path.isdir(model) else model.replace("/", "--")] + list(extra)
     for key in LEAF_PATHS:
         if key in ignored or current[key] == default[key]:
             continue

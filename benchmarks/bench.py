@@ -356,7 +356,9 @@ def section_e2e(args, device):
     auto precision is not fp32 (a GPU), both are also run at that precision."""
     print("end to end: one epoch of the 3,600 bundled sentences (MiniLM, r=8 q,v, lr 5e-4, batch 16)")
     common = ["--epochs", "1", "--lr", "5e-4", "--device", str(device)]
-    ours, reference = [sys.executable, "train_lora_basic.py", *common], [sys.executable, HF_REFERENCE, *common]
+    # fp32 frozen weights on both sides (the Trainer keeps fp32 master weights): only the loop differs
+    ours = [sys.executable, "train_lora_basic.py", "--base_dtype", "fp32", *common]
+    reference = [sys.executable, HF_REFERENCE, *common]
     runs = {
         "this repo (train_lora_basic.py), fp32": (ours + ["--precision", "fp32"], "fp32"),
         "this repo, padding to 128 (the seed), fp32": (ours + ["--precision", "fp32", "--pad_to_max_length",
@@ -396,8 +398,8 @@ def section_precision(args, device):
     results = {}
     for precision in precisions:
         for seed in args.seeds:
-            cmd = [sys.executable, "train_lora_basic.py", "--precision", precision, "--seed", str(seed),
-                   "--device", str(device), *extra]
+            cmd = [sys.executable, "train_lora_basic.py", "--precision", precision, "--base_dtype", "fp32",
+                   "--seed", str(seed), "--device", str(device), *extra]
             metrics = run_training_command(cmd, f"{precision} seed {seed}")
             results.setdefault(precision, []).append((metrics["best"]["value"], metrics["train_time_s"]))
     fp32_seconds = statistics.median(t for _, t in results["fp32"])

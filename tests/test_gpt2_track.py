@@ -260,3 +260,39 @@ def test_bert_base_uncased_from_the_cache_trains_a_classifier_and_classifies(hf_
                                                  "--text", "a great fun film"], hf_home, tmp_path)
     assert answer.returncode == 0, answer.stderr[-2000:]
     assert "confidence" in answer.stdout and "base model: bert-base-uncased [Hugging Face local cache]" in answer.stderr
+
+
+def test_a_finished_configuration_is_not_trained_twice_and_resume_finds_its_folder(tiny_assets, tmp_path,
+                                                                                   monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    common = ["--model", tiny_assets["bert"], "--train_file", tiny_assets["train_csv"], "--max_steps", "2",
+              "--max_length", "32", "--device", "cpu"]
+    assert train_lora_basic.main(common) == 0
+    (folder,) = os.listdir("results")
+    metrics = (tmp_path / "results" / folder / "training_metrics.json").read_bytes()
+    capsys.readouterr()
+    assert train_lora_basic.main(common) == 0  # the course's loop, run again: nothing to do, nothing lost
+    assert "already holds a finished run of this configuration" in capsys.readouterr().out
+    assert (tmp_path / "results" / folder / "training_metrics.json").read_bytes() == metrics
+    assert train_lora_basic.main(common + ["--resume"]) == 2  # same folder, named by the configuration
+    assert f"'results/{folder}' has no checkpoint" in capsys.readouterr().err.replace(os.sep, "/")
+
+
+def test_a_task_other_than_the_models_own_is_in_the_run_name(tiny_assets):
+    config = config_of("--config", os.path.join(ROOT, "config.yaml"), "--model", tiny_assets["gpt2"])
+    assert "task-classification" in config["output_dir"]
+    assert "task-" not in config_of("--model", tiny_assets["gpt2"])["output_dir"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "causal_lm", "--offline_model", "minilm"], "is a classification model but the task is causal_lm"),
+])
+def test_a_fallback_of_the_wrong_kind_exits_2(tiny_assets, argv, message, capsys):
+    assert train_lora_basic.main(["--model", tiny_assets["gpt2"], *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_config_naming_no_known_architecture_asks_for_the_task(tmp_path, capsys):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "something_new"}))
+    assert train_lora_basic.main(["--model", str(tmp_path)]) == 2
+    assert "pass --task classification or --task causal_lm" in capsys.readouterr().err

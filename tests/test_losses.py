@@ -35,3 +35,26 @@ def test_a_trainable_head_uses_the_models_own_loss():
     ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
     out = ChunkedCausalLM(model)(input_ids=ids, labels=ids)
     assert out.logits is not None and out.logits.shape == (2, 9, 100)
+
+
+def test_under_bf16_autocast_the_chunked_loss_stays_close_to_the_models_own():
+    model = mark_only_lora_as_trainable(apply_lora_to_model(BUILDERS["llama"](), None, rank=4))
+    randomize_lora_B(model)
+    ids = torch.randint(1, 100, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = model(input_ids=ids, labels=ids).loss.float()
+        chunked = ChunkedCausalLM(model, chunk_size=5)(input_ids=ids, labels=ids).loss
+    torch.testing.assert_close(chunked, reference, rtol=0, atol=0.02)  # bf16 rounds logits differently
+
+
+def test_a_model_that_transforms_its_logits_keeps_its_own_loss():
+    from transformers import Gemma2Config, Gemma2ForCausalLM
+    torch.manual_seed(0)
+    model = Gemma2ForCausalLM(Gemma2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                           num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                           final_logit_softcapping=3.0)).eval()
+    mark_only_lora_as_trainable(apply_lora_to_model(model, None, rank=2))
+    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = ChunkedCausalLM(model)(input_ids=ids, labels=ids)
+    assert out.logits is not None  # softcapped logits: the model's own forward and loss
+    torch.testing.assert_close(out.loss, model(input_ids=ids, labels=ids).loss)
