@@ -296,3 +296,17 @@ def test_a_config_naming_no_known_architecture_asks_for_the_task(tmp_path, capsy
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "something_new"}))
     assert train_lora_basic.main(["--model", str(tmp_path)]) == 2
     assert "pass --task classification or --task causal_lm" in capsys.readouterr().err
+
+
+def test_a_gpt2_adapter_generates_in_demo_and_interactive_modes_beside_the_base(tiny_runs, monkeypatch, capsys):
+    import inference_example
+    common = ["--adapter_dir", tiny_runs["gpt2"], "--max_new_tokens", "4", "--temperature", "0", "--compare_base"]
+    assert inference_example.main(common + ["--mode", "demo"]) == 0
+    out = capsys.readouterr().out
+    for prompt in inference_example.DEMO_PROMPTS:
+        assert f"> {prompt}" in out and f"adapter  {prompt}|" in out and f"no LoRA  {prompt}|" in out
+    answers = iter(["the movie", "quit"])
+    monkeypatch.setattr("builtins.input", lambda _: next(answers))
+    assert inference_example.main(common + ["--mode", "interactive"]) == 0
+    out = capsys.readouterr().out
+    assert "a prompt to continue" in out and "adapter  the movie|" in out and "no LoRA  the movie|" in out
