@@ -130,7 +130,9 @@ class LoRALayer(nn.Module):
         return self.scaling * self._fill_parts([p.T for p in pieces], zeros).T
 
     def forward(self, x):
-        x = self.dropout(x.to(self.lora_A.dtype))
+        x = self.dropout(x)  # in the input's dtype: under bf16 autocast that keeps bf16, not an fp32 copy, for backward
+        if not torch.is_autocast_enabled(x.device.type):  # autocast runs the matmul in bf16 anyway
+            x = x.to(self.lora_A.dtype)
         after_A = F.linear(x, self.lora_A)
         if self.parts is None:
             return F.linear(after_A, self.lora_B) * self.scaling

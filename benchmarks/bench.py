@@ -427,7 +427,10 @@ def section_causal(args, device):
                  *common]
     os.environ["HF_HUB_OFFLINE"] = "1"  # both sides on the bundled English text, also where the Hub is reachable
     results = {}
-    for name, cmd in (("this repo (train_lora_basic.py)", ours), ("HF Trainer + PEFT", reference)):
+    contenders = (("this repo (train_lora_basic.py)", ours),
+                  ("this repo, --gradient_checkpointing", ours + ["--gradient_checkpointing"]),
+                  ("HF Trainer + PEFT", reference))
+    for name, cmd in contenders:
         metrics = run_training_command(cmd, name)
         results[name] = (metrics["train_time_s"] / steps, metrics["peak_memory_mb"], metrics["best"]["value"])
     (ref_step, ref_peak, ref_ppl) = results["HF Trainer + PEFT"]
