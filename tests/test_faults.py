@@ -15,6 +15,7 @@ import sys
 import pytest
 import torch
 
+import run_folder
 import train_lora_basic
 import utils
 
@@ -130,8 +131,8 @@ def test_kill_at_every_instruction_of_the_swap_loses_nothing(kill_at, kill_in_se
     assert train_lora_basic.main(run_args(tiny_assets, out)) == 2
     assert "holds an interrupted run" in capsys.readouterr().err
     assert checkpoint_folders(out) == left
-    newest = train_lora_basic.newest_checkpoint(str(out))
-    step = train_lora_basic._checkpoint_step(newest)[0]
+    newest = run_folder.newest_checkpoint(str(out))
+    step = run_folder._checkpoint_step(newest)[0]
     # the second checkpoint counts once all its files are written (its marker follows them)
     assert step == (24 if kill_at >= 4 else 12), (left, newest)
     assert train_lora_basic.main(run_args(tiny_assets, out, "--resume")) == 0
@@ -143,6 +144,7 @@ def test_kill_at_every_instruction_of_the_swap_loses_nothing(kill_at, kill_in_se
 DRIVER = """
 import os, signal, sys, json
 sys.path.insert(0, {root!r})
+import run_folder
 import train_lora_basic
 argv, kill_src = json.loads(sys.argv[1]), sys.argv[2]
 real_replace, saves = os.replace, []
@@ -186,7 +188,7 @@ def test_half_written_checkpoint_new_and_trash_are_ignored(tiny_assets, tmp_path
     shutil.copytree(out / "checkpoint", out / "checkpoint.new")
     os.remove(out / "checkpoint.new" / "trainer_state.pt")  # a kill while it was being written
     (out / ".trash-checkpoint.old-1").mkdir()
-    assert train_lora_basic.newest_checkpoint(str(out)) == str(out / "checkpoint")
+    assert run_folder.newest_checkpoint(str(out)) == str(out / "checkpoint")
     assert train_lora_basic.main(run_args(tiny_assets, out, "--resume")) == 0
     assert sorted(n for n in os.listdir(out) if n.startswith((".trash", "checkpoint"))) == []
 
@@ -294,7 +296,7 @@ def test_nan_eval_is_never_the_best_and_stops_training(tiny_assets, tmp_path, mo
     assert not (out / "training_metrics.json").exists()
     monkeypatch.undo()
     # the epoch-1 checkpoint is intact: the run can go on from there
-    assert train_lora_basic.newest_checkpoint(str(out)) == str(out / "checkpoint")
+    assert run_folder.newest_checkpoint(str(out)) == str(out / "checkpoint")
 
 
 def test_inference_refuses_an_adapter_with_nan_weights(tiny_runs, tmp_path, capsys):

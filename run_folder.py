@@ -1,0 +1,351 @@
+"""The output folder of a run: nothing in it is ever lost, whatever stops the run.
+
+- claim_output_dir: one live run per folder (a lock with its pid), no finished run overwritten by accident,
+  and --overwrite_output_dir that moves the previous run aside and deletes it only once the new run has a result.
+- Checkpoints: written completely into checkpoint.new/ (a marker file last), then swapped in by renames. A kill
+  at any instruction leaves a state from which newest_checkpoint finds the newest complete checkpoint.
+- The log file, the ./output link to the latest finished run, and the "already done" check of a sweep.
+
+train_lora_basic.py calls these; the loop itself stays there, where a learner reads it.
+"""
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+
+import torch
+
+from lora_linear import AdapterError, load_adapter, save_adapter
+from utils import LATEST_RUN_LINK, RESULTS_ROOT, ConfigError, write_json_atomic
+
+log = logging.getLogger("train_lora")
+
+
+# ----------------------------------------------------------------------------- claiming the folder
+
+def claim_output_dir(output_dir, resume, overwrite):
+    """Refuse to clobber: a live run holding the lock, or a finished run unless asked to overwrite.
+
+    --resume settles the checkpoint folders (the newest complete one becomes checkpoint/); a fresh start
+    never deletes a complete checkpoint unless --overwrite_output_dir. That moves the previous run aside
+    (.overwrite-previous/) and deletes it only when the new run writes its first result; a new run that
+    fails or is killed before that gets the previous run put back. Old and new files are never mixed.
+    """
+    try:
+        lock = _take_lock(output_dir)
+    except OSError as e:  # a file, a path through a file, no permission, read-only disk
+        raise ConfigError(f"output_dir '{output_dir}' cannot be written ({e.strerror or type(e).__name__}); "
+                          f"choose a writable folder") from None
+    try:
+        restore_previous_run(output_dir)  # an overwrite whose new run produced nothing: the old run comes back
+        has_checkpoint = newest_checkpoint(output_dir) is not None
+        finished = os.path.isfile(os.path.join(output_dir, "training_metrics.json"))
+        problem = None
+        partial = [n for n in CHECKPOINT_NAMES if os.path.isdir(os.path.join(output_dir, n))]
+        if resume and not has_checkpoint and partial:
+            problem = (f"--resume but no checkpoint in '{output_dir}' is complete ({', '.join(partial)}: a file is "
+                       f"missing, truncated or changed since it was written); start again with --overwrite_output_dir")
+        elif resume and not has_checkpoint:
+            problem = f"--resume but '{output_dir}' has no checkpoint/; start without --resume"
+        elif not resume and not overwrite and has_checkpoint:
+            problem = f"'{output_dir}' holds an interrupted run; continue it with --resume or pass --overwrite_output_dir"
+        elif not resume and not overwrite and finished:
+            problem = f"'{output_dir}' already holds a finished run; pass --overwrite_output_dir or another --output_dir"
+        if problem:
+            raise ConfigError(problem)
+        if not resume and overwrite:
+            _set_previous_run_aside(output_dir)
+        settle_checkpoints(output_dir)  # resume: the newest complete one; else only incomplete leftovers: removed
+    except OSError as e:
+        os.remove(lock)
+        raise ConfigError(f"output_dir '{output_dir}' cannot be prepared ({e.strerror or type(e).__name__}: "
+                          f"{getattr(e, 'filename', '') or ''}); check its permissions") from None
+    except ConfigError:
+        os.remove(lock)
+        raise
+    return lock
+
+
+def _take_lock(output_dir):
+    os.makedirs(output_dir, exist_ok=True)
+    lock = os.path.join(output_dir, ".lock")
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            with open(lock) as f:
+                pid = int(f.read().strip() or 0)
+        except (OSError, ValueError):  # unreadable or garbage: not a live run's lock
+            pid = 0
+        if _process_alive(pid):
+            raise ConfigError(f"output_dir '{output_dir}' is in use by a running training (pid {pid}); "
+                              f"choose another --output_dir")
+        os.remove(lock)  # left by a run that died
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    os.write(fd, str(os.getpid()).encode())
+    os.close(fd)
+    return lock
+
+
+# What a run writes into output_dir; --overwrite_output_dir moves exactly these aside (never a user's other files).
+RUN_OUTPUTS = ("adapter_config.json", "adapter_model.safetensors", "adapter_model.bin", "final", "checkpoint",
+               "checkpoint.new", "checkpoint.old", "training_metrics.json", "training_curves.png",
+               "training_log.txt", "model_comparison.txt", "logs")
+PREVIOUS_RUN = ".overwrite-previous"  # hidden: compare_ranks does not read it as a run
+OVERWRITE_MOVING = ".overwrite-moving"
+
+
+def _run_outputs(output_dir):
+    names = []
+    for name in sorted(os.listdir(output_dir)):
+        if name in RUN_OUTPUTS or name.endswith((".tmp", ".tmp.png")):
+            names.append(name)
+        elif name == "README.md":  # the model card push_to_hub writes; a user's own README stays
+            try:
+                with open(os.path.join(output_dir, name), encoding="utf-8") as f:
+                    if f.read(64).startswith("---\nlibrary_name: peft"):
+                        names.append(name)
+            except (OSError, UnicodeDecodeError):
+                pass
+    return names
+
+
+def _remove(path):
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _set_previous_run_aside(output_dir):
+    """--overwrite_output_dir: move the previous run's files into .overwrite-moving/, one rename each, then rename
+    that to .overwrite-previous/: from then on every run output outside it belongs to the new run."""
+    moving = os.path.join(output_dir, OVERWRITE_MOVING)
+    os.makedirs(moving, exist_ok=True)
+    for name in _run_outputs(output_dir):
+        os.replace(os.path.join(output_dir, name), os.path.join(moving, name))
+    os.replace(moving, os.path.join(output_dir, PREVIOUS_RUN))
+
+
+def commit_overwrite(output_dir):
+    """The new run is about to write a result: the previous run it replaces is deleted (renamed away first)."""
+    previous = os.path.join(output_dir, PREVIOUS_RUN)
+    if os.path.isdir(previous):
+        _discard(previous)
+
+
+def restore_previous_run(output_dir):
+    """Undo an overwrite whose new run wrote no result (it failed or was killed early): its files (logs only)
+    go, the previous run's come back. Each step is idempotent, so a kill here is finished by the next call.
+    Killed while still moving aside (.overwrite-moving/), the new run never started: every file is old."""
+    for name, new_run_started in ((OVERWRITE_MOVING, False), (PREVIOUS_RUN, True)):
+        folder = os.path.join(output_dir, name)
+        if not os.path.isdir(folder):
+            continue
+        saved = os.listdir(folder)
+        if new_run_started:
+            for other in _run_outputs(output_dir):
+                if other not in saved:
+                    _remove(os.path.join(output_dir, other))
+        for item in saved:
+            _remove(os.path.join(output_dir, item))
+            os.replace(os.path.join(folder, item), os.path.join(output_dir, item))
+        os.rmdir(folder)
+        return True
+    return False
+
+
+def _process_alive(pid):
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+def setup_logging(output_dir, is_main):
+    log.handlers.clear()
+    log.setLevel(logging.INFO if is_main else logging.WARNING)
+    log.propagate = False
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    handlers = [logging.StreamHandler(sys.stdout)]
+    if is_main:
+        # delay: a run refused before its first log line leaves no empty log behind
+        handlers.append(logging.FileHandler(os.path.join(output_dir, "training_log.txt"), mode="a", delay=True))
+    for h in handlers:
+        h.setFormatter(fmt)
+        log.addHandler(h)
+
+
+def point_latest_run(output_dir):
+    """Make ./output point at this run when it lives in results/ (the course's `ls -lh output/`)."""
+    if os.path.commonpath([os.path.abspath(output_dir), os.path.abspath(RESULTS_ROOT)]) != os.path.abspath(RESULTS_ROOT):
+        return
+    if os.path.lexists(LATEST_RUN_LINK) and not os.path.islink(LATEST_RUN_LINK):
+        log.info(f"'{LATEST_RUN_LINK}' is a folder of its own, so it is left alone; this run is in {output_dir}")
+        return
+    staging = LATEST_RUN_LINK + ".new-link"
+    try:
+        if os.path.lexists(staging):
+            os.remove(staging)
+        os.symlink(os.path.relpath(output_dir), staging)
+        os.replace(staging, LATEST_RUN_LINK)  # atomic: the link always points at a finished run
+        log.info(f"'{LATEST_RUN_LINK}' now points at {output_dir}")
+    except OSError as e:  # e.g. no symlinks on this file system: the run itself is complete
+        log.info(f"could not point '{LATEST_RUN_LINK}' at {output_dir} ({e})")
+
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+CHECKPOINT_NAMES = ("checkpoint", "checkpoint.new", "checkpoint.old")  # every state the swap can leave
+CHECKPOINT_MARKER = "checkpoint_complete.json"  # written last: a folder without it is incomplete
+TRASH_PREFIX = ".trash-"  # a folder is renamed to this before it is deleted: half-deleted is never a candidate
+
+
+def _checkpoint_step(folder):
+    """(step, written) of a complete checkpoint folder, None if it is incomplete."""
+    marker = os.path.join(folder, CHECKPOINT_MARKER)
+    try:
+        if os.path.isfile(marker):
+            with open(marker) as f:
+                info = json.load(f)
+            if all(os.path.getsize(os.path.join(folder, name)) == size for name, size in info["files"].items()):
+                return int(info["step"]), int(info["written"])
+            return None
+        # written by an earlier version of this script, without the marker: complete if its three files are
+        if all(os.path.isfile(os.path.join(folder, n)) for n in ("adapter_config.json", "adapter_model.safetensors",
+                                                                   "trainer_state.pt")):
+            saved = torch.load(os.path.join(folder, "trainer_state.pt"), weights_only=True)
+            return int(saved["state"]["step"]), 0
+    except Exception:  # unreadable marker or state: incomplete
+        return None
+    return None
+
+
+def newest_checkpoint(output_dir):
+    """The newest complete checkpoint folder among checkpoint/, checkpoint.new/ and checkpoint.old/, or None."""
+    found = []
+    for rank, name in enumerate(CHECKPOINT_NAMES):
+        folder = os.path.join(output_dir, name)
+        step = _checkpoint_step(folder) if os.path.isdir(folder) else None
+        if step is not None:
+            found.append((step, -rank, folder))
+    return max(found)[2] if found else None
+
+
+def _discard(folder):
+    """Rename, then delete: a kill during the deletion leaves only a trash folder, which nothing reads."""
+    trash = os.path.join(os.path.dirname(folder), f"{TRASH_PREFIX}{os.path.basename(folder)}-{time.time_ns()}")
+    os.replace(folder, trash)
+    shutil.rmtree(trash)
+
+
+def settle_checkpoints(output_dir):
+    """Leave one checkpoint folder, checkpoint/, holding the newest complete checkpoint (or none if no complete one
+    exists). Every step is a rename or the deletion of a renamed folder, so a kill anywhere here leaves a state
+    that this function settles again. Returns that folder or None."""
+    for name in os.listdir(output_dir):
+        if name.startswith(TRASH_PREFIX):
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+    best = newest_checkpoint(output_dir)
+    final = os.path.join(output_dir, "checkpoint")
+    for name in CHECKPOINT_NAMES:
+        folder = os.path.join(output_dir, name)
+        if folder != best and os.path.isdir(folder):
+            _discard(folder)  # incomplete, or older than best
+    if best is not None and best != final:
+        os.replace(best, final)
+    return final if best is not None else None
+
+
+def save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, config, provenance):
+    """Write checkpoint.new/ completely (its marker last), then swap it in. A kill at any instruction leaves
+    either the previous complete checkpoint or this one findable by newest_checkpoint; nothing is overwritten
+    in place and a folder is deleted only after it has been renamed away."""
+    commit_overwrite(output_dir)
+    final = os.path.join(output_dir, "checkpoint")
+    staging, old = final + ".new", final + ".old"
+    if os.path.isdir(staging):
+        _discard(staging)  # half written by a run that was killed: never mix its files with this one's
+    save_adapter(model, staging, base_model_name_or_path=provenance["model"]["used"])
+    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict() if scaler is not None else None, "state": state,
+                "config": json.dumps(config), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               os.path.join(staging, "trainer_state.pt.tmp"))
+    os.replace(os.path.join(staging, "trainer_state.pt.tmp"), os.path.join(staging, "trainer_state.pt"))
+    files = {n: os.path.getsize(os.path.join(staging, n)) for n in sorted(os.listdir(staging))}
+    write_json_atomic(os.path.join(staging, CHECKPOINT_MARKER),
+                      {"step": state["step"], "written": time.time_ns(), "files": files})
+    if os.path.isdir(old):
+        _discard(old)  # left by a kill after an earlier swap; older than final
+    if os.path.isdir(final):
+        os.replace(final, old)
+    os.replace(staging, final)
+    if os.path.isdir(old):
+        _discard(old)
+
+
+TRAINER_STATE_KEYS = ("optimizer", "scheduler", "scaler", "state", "config", "torch_rng", "cuda_rng")
+
+
+def load_checkpoint(output_dir, model, optimizer, scheduler, scaler, config):
+    folder = newest_checkpoint(output_dir)  # checkpoint/ once claim_output_dir has settled the folders
+    if folder is None:
+        raise ConfigError(f"--resume but '{output_dir}' has no complete checkpoint/; start without --resume")
+    path = os.path.join(folder, "trainer_state.pt")
+    fix = "delete it (or pass --overwrite_output_dir without --resume) to start again"
+    try:
+        load_adapter(model, folder)  # strict: the LoRA weights and head of the checkpoint
+    except AdapterError as e:
+        raise ConfigError(f"the checkpoint in {folder} does not fit this model ({e}); {fix}") from None
+    try:
+        # weights_only: tensors, numbers and containers only; nothing is unpickled as code
+        saved = torch.load(path, weights_only=True)
+        if not isinstance(saved, dict) or not all(k in saved for k in TRAINER_STATE_KEYS):
+            raise ValueError("not a trainer state of this script")
+        old_config = json.loads(saved["config"])
+        changed = [k for k in ("lora", "training", "data", "task", "model_name")
+                   if json.dumps(old_config[k], sort_keys=True) != json.dumps(config[k], sort_keys=True)]
+    except Exception as e:  # truncated, another program's file, a pickle asking for code
+        raise ConfigError(f"{path} is corrupt or was not written by this script ({type(e).__name__}); {fix}") from None
+    if changed:
+        raise ConfigError(f"--resume with a different config ({', '.join(changed)} changed); "
+                          f"resume with the original settings")
+    try:
+        state = saved["state"]
+        if not all(k in state for k in ("step", "epoch", "batch_in_epoch", "epoch_sums", "history", "best")):
+            raise ValueError("the training state lacks fields")
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if scaler is not None and saved["scaler"]:
+            scaler.load_state_dict(saved["scaler"])
+        torch.set_rng_state(saved["torch_rng"])
+        if saved["cuda_rng"]:
+            torch.cuda.set_rng_state_all(saved["cuda_rng"])
+    except Exception as e:
+        raise ConfigError(f"{path} does not match this run ({type(e).__name__}: {str(e)[:120]}); {fix}") from None
+    return state
+
+
+def already_done(config, args):
+    """A sweep that reaches a configuration it already finished (its folder is named by the configuration):
+    the run's result, else None. The course's loops can then be run again without an error."""
+    metrics_path = os.path.join(config["output_dir"], "training_metrics.json")
+    if args.resume or args.overwrite_output_dir or not config.get("track", {}).get("named_by_configuration") \
+            or not os.path.isfile(metrics_path) or newest_checkpoint(config["output_dir"]):
+        return None
+    try:
+        with open(metrics_path, encoding="utf-8") as f:
+            best = json.load(f)["best"]
+        return f"{best['metric_name']} {float(best['value']):.4f}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # unreadable: claim_output_dir explains what to do
