@@ -19,7 +19,7 @@ import time
 import torch
 
 from lora_linear import AdapterError, load_adapter, save_adapter
-from utils import LATEST_RUN_LINK, RESULTS_ROOT, ConfigError, write_json_atomic
+from utils import LATEST_RUN_LINK, RESULTS_ROOT, ConfigError, model_reachable, write_json_atomic
 
 log = logging.getLogger("train_lora")
 
@@ -345,7 +345,10 @@ def already_done(config, args):
         return None
     try:
         with open(metrics_path, encoding="utf-8") as f:
-            best = json.load(f)["best"]
+            metrics = json.load(f)
+        best = metrics["best"]
+        if metrics["provenance"]["model"].get("fallback") and model_reachable(config["model_name"]):
+            return None  # trained on the offline fallback, and the real model can be had now: not the same run
         return f"{best['metric_name']} {float(best['value']):.4f}"
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # unreadable: claim_output_dir explains what to do

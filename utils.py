@@ -464,6 +464,11 @@ def resolve_model_source(model_name, fallback=None):
                                         "source": assets.PROVENANCE[fallback], "fallback": True, "reason": reason}
 
 
+def model_reachable(model_name):
+    """True if `model_name` loads without the offline fallback: a folder, the Hub, or the local cache."""
+    return os.path.isdir(model_name) or hub_reachable() or _in_hf_cache(model_name)
+
+
 def _in_hf_cache(model_name):
     try:
         from huggingface_hub import try_to_load_from_cache

@@ -310,3 +310,17 @@ def test_a_gpt2_adapter_generates_in_demo_and_interactive_modes_beside_the_base(
     assert inference_example.main(common + ["--mode", "interactive"]) == 0
     out = capsys.readouterr().out
     assert "a prompt to continue" in out and "adapter  the movie|" in out and "no LoRA  the movie|" in out
+
+
+def test_a_finished_fallback_run_is_not_taken_for_the_real_model_once_it_can_be_had(tmp_path, monkeypatch):
+    import argparse
+    import run_folder
+    (tmp_path / "training_metrics.json").write_text(json.dumps({
+        "best": {"metric_name": "perplexity", "value": 52.3},
+        "provenance": {"model": {"requested": "gpt2", "used": "HuggingFaceTB/SmolLM2-135M-Instruct", "fallback": True}}}))
+    config = {"output_dir": str(tmp_path), "model_name": "gpt2", "track": {"named_by_configuration": True}}
+    args = argparse.Namespace(resume=False, overwrite_output_dir=False)
+    monkeypatch.setattr(run_folder, "model_reachable", lambda name: False)
+    assert run_folder.already_done(config, args) == "perplexity 52.3000"  # still offline: the same run
+    monkeypatch.setattr(run_folder, "model_reachable", lambda name: True)
+    assert run_folder.already_done(config, args) is None  # GPT-2 itself can be loaded now: train it
