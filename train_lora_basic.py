@@ -154,6 +154,8 @@ def train(config, args, callbacks=()):
     finally:
         if lock and os.path.exists(lock):
             os.remove(lock)
+            if not os.listdir(output_dir):  # refused before writing anything: leave no empty run folder behind
+                os.rmdir(output_dir)
         if world_size > 1:
             dist.destroy_process_group()
 

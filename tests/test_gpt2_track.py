@@ -126,6 +126,7 @@ def test_unknown_target_exits_2_listing_roles_and_layer_names(tiny_assets, tmp_p
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err
     assert "'qv_proj'" in err and "q_proj, k_proj, v_proj, o_proj" in err and "c_attn" in err and "c_fc" in err
+    assert not (tmp_path / "x").exists()  # a refused run leaves no empty folder behind
 
 
 # --------------------------------------------------------------------------- the model decides the track
