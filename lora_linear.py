@@ -267,8 +267,9 @@ def default_targets(model):
 def resolve_targets(model, target_modules=None):
     """{layer name: parts or None}: which layers get LoRA, and for a fused layer which slices (else None).
 
-    target_modules: None (default_targets: W_q and W_v, the paper's choice; GPT-2: all of c_attn), 'all' (every Linear/Conv1D but the output head),
-    a regex string over the full name (as PEFT reads a string), or a list of names. A name is a role
+    target_modules: None (default_targets: W_q and W_v, the paper's choice; GPT-2: all of c_attn), 'all'
+    (every Linear/Conv1D but the output head), a regex string over the full name (as PEFT reads a string), or a
+    list of names. A name is a role
     (q_proj, k_proj, v_proj, o_proj, or q, k, v, o), resolved to this architecture's layer, or a layer name
     matched by PEFT's exact name-or-suffix rule.
     """

@@ -2,7 +2,8 @@
 Fine-tune a transformer with hand-written LoRA.
 
     python train_lora_basic.py --config config.yaml                      # BERT x SST-2 (classification)
-    python train_lora_basic.py --config configs/gpt2_wikitext.yaml       # GPT-2 x wikitext-2 (causal LM)
+    python train_lora_basic.py --model gpt2                              # GPT-2 x wikitext-2 (the model picks the track)
+    python train_lora_basic.py --config configs/gpt2_cpu.yaml            # the same, sized for a CPU
     python train_lora_basic.py --rank 16 --learning_rate 5e-4 --output_dir results/rank_16
     torchrun --nproc_per_node 2 train_lora_basic.py --config config.yaml # DistributedDataParallel
 
@@ -109,7 +110,7 @@ def evaluate(model, loader, task, device, precision, world_size, show_progress):
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
 
 
-# ----------------------------------------------------------------------------- checkpoints
+# ----------------------------------------------------------------------------- checks before training
 
 def _check_local_head(config):
     """A local sequence-classification checkpoint whose head has another number of labels than num_labels: one line
