@@ -20,6 +20,7 @@ import shutil
 import signal
 import sys
 import time
+from collections import Counter
 from contextlib import nullcontext
 
 import torch
@@ -27,8 +28,10 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from data import build_datasets, check_max_length, load_splits, make_loader
+from families import TRACKS
 from losses import ChunkedCausalLM
-from lora_linear import apply_lora_to_model, count_lora_parameters, mark_only_lora_as_trainable, save_adapter
+from lora_linear import (ROLES, apply_lora_to_model, count_lora_parameters, lora_layers, mark_only_lora_as_trainable,
+                         save_adapter)
 from run_folder import (already_done, claim_output_dir, commit_overwrite, load_checkpoint, point_latest_run,
                         restore_previous_run, save_checkpoint, setup_logging)
 from utils import (ConfigError, autocast_context, build_arg_parser, format_parameter_table, library_versions,
@@ -70,8 +73,6 @@ def setup_distributed(config):
 
 def describe_lora_layers(model, compact=False):
     """What was adapted, e.g. 'c_attn (q, v slices) x 12' for the log, or 'c_attn[q,v]' (compact) for tables."""
-    from collections import Counter
-    from lora_linear import ROLES, lora_layers
     kinds = Counter()
     for name, layer in lora_layers(model):
         parts = layer.lora.parts
@@ -236,7 +237,7 @@ def _train(config, args, callbacks, rank, world_size, device, is_main):
     # computes it chunk by chunk instead. Classification heads are small: the model's own forward.
     train_model = ChunkedCausalLM(model) if task == "causal_lm" else model
     ddp_model = torch.nn.parallel.DistributedDataParallel(train_model) if world_size > 1 else train_model
-    metric = "accuracy" if task == "classification" else "perplexity"
+    metric = TRACKS[task].metric
     higher_is_better = metric == "accuracy"
 
     state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "epoch_sums": [0.0, 0.0, 0.0],
@@ -465,11 +466,9 @@ def finish(config, model, tokenizer, state, counts, provenance, precision, devic
     point_latest_run(output_dir)
     if os.path.isdir(os.path.join(output_dir, "checkpoint")):
         shutil.rmtree(os.path.join(output_dir, "checkpoint"))  # finished: the adapters above are the result
-    initial = state["history"]["eval"][0]
-    log.info(f"eval {metric} before training {initial[metric]:.4f} -> best {state['best']['value']:.4f} "
-             f"(epoch {state['best']['epoch']}); evaluation took {state.get('eval_time_s', 0.0):.1f} s")
-    log.info(f"best eval {metric}: {state['best']['value']:.4f} (epoch {state['best']['epoch']}); "
-             f"training time {state['train_time_s']:.1f} s; peak memory {peak:.0f} MB")
+    log.info(f"eval {metric} before training {metrics['initial_eval'][metric]:.4f} -> best "
+             f"{state['best']['value']:.4f} (epoch {state['best']['epoch']}); training time "
+             f"{state['train_time_s']:.1f} s, evaluation {metrics['eval_time_s']:.1f} s; peak memory {peak:.0f} MB")
     log.info(f"outputs in {output_dir}: adapter_config.json, adapter_model.safetensors, final/, "
              f"training_curves.png, training_metrics.json, training_log.txt, model_comparison.txt")
 

@@ -445,7 +445,7 @@ def resolve_model_source(model_name, fallback=None):
     if os.path.isdir(model_name):
         return model_name, {"requested": model_name, "used": os.path.abspath(model_name), "source": "local folder"}
     asset = model_name if model_name in assets.FALLBACK_MODELS else None
-    if asset is None and (hub_reachable() or _in_hf_cache(model_name)):
+    if asset is None and model_reachable(model_name):
         return model_name, {"requested": model_name, "used": model_name,
                             "source": "Hugging Face Hub" if hub_reachable() else "Hugging Face local cache"}
     asset = asset or next((a for a, hub_id in ASSET_HUB_IDS.items() if hub_id == model_name), None)
@@ -574,6 +574,12 @@ def plot_training_curves(history, path, metric_name):
     for ax in (left, right):
         ax.grid(alpha=0.3)
         ax.legend()
+    save_figure_atomic(fig, path)
+
+
+def save_figure_atomic(fig, path):
+    """Save a matplotlib figure under a temporary name, then rename: a reader never sees half a PNG."""
+    import matplotlib.pyplot as plt
     fig.tight_layout()
     fig.savefig(path + ".tmp.png", dpi=110)
     plt.close(fig)
@@ -686,10 +692,7 @@ def _plot_comparison(runs, key, path):
         ax.grid(axis="y", alpha=0.3)
         if metric is not None:
             ax.set_ylim(min(values) - 0.05 * (abs(min(values)) or 1), max(values) * 1.02 or 1)
-    fig.tight_layout()
-    fig.savefig(path + ".tmp.png", dpi=110)
-    plt.close(fig)
-    os.replace(path + ".tmp.png", path)
+    save_figure_atomic(fig, path)
 
 
 def main(argv=None):
