@@ -660,12 +660,14 @@ def compare_ranks(results_dir, sort_by=None):
     if len(metrics) > 1:  # accuracy (higher is better) and perplexity (lower) are never one column
         print(f"note: these runs report different metrics ({' and '.join(metrics)}); compare each within its own")
     # the metric is named on every row: a classification and a language-model run can share a results folder
-    header = f"{'run':<22}{'rank':>5}{'alpha':>7}  {'targets':<18}{'trainable':>11}  {'metric':<11}{'best':>9}" \
+    # run folders are named by their configuration (results/<model>_<what differs>): show the whole name
+    width = min(max(len(r["run"]) for r in runs), 80) + 1
+    header = f"{'run':<{width}}{'rank':>5}{'alpha':>7}  {'targets':<18}{'trainable':>11}  {'metric':<11}{'best':>9}" \
              f"{'time s':>9}{'peak MB':>9}"
     print(header + "\n" + "-" * len(header))
     for r in runs:
         peak = f"{r['peak_mb']:.0f}" if r["peak_mb"] is not None else "-"
-        print(f"{r['run'][:21]:<22}{r['rank']:>5}{r['alpha']:>7g}  {r['target_modules'][:17]:<18}{r['trainable']:>11,}"
+        print(f"{r['run'][:width - 1]:<{width}}{r['rank']:>5}{r['alpha']:>7g}  {r['target_modules'][:17]:<18}{r['trainable']:>11,}"
               f"  {r['metric']:<11}{r['best']:>9.4f}{r['time_s']:>9.1f}{peak:>9}")
     plot_path = os.path.join(results_dir, f"comparison_{key}.png")
     _plot_comparison(runs, key, plot_path)
