@@ -1,4 +1,5 @@
-"""Data: load (Hub, local files, or the offline fallback), tokenize once, and batch without waste.
+"""Data: tokenize once and batch without waste (loading, from the Hub, a file or the offline fallback, is in
+sources.py).
 
 Classification: each sentence is tokenized once without padding; batches group sentences of similar
 length and pad only to the longest in the batch (dynamic padding). Padding every sentence to 128 tokens,
@@ -9,182 +10,13 @@ max_length tokens, so no position is padding and the loss is a real language-mod
 (Padding each line to 512 and training on the pad tokens, as the seed did, makes "loss < 2.0" meaningless.)
 """
 
-import csv
-import io
-import json
 import math
-import os
 import random
 
 import torch
 
-import assets
-import utils
-from utils import ConfigError, banner, hub_reachable
-
-
-# ----------------------------------------------------------------------------- loading
-
-def load_splits(config):
-    """(train_rows, eval_rows, provenance, columns): lists of dicts plus where they came from."""
-    data, task, seed = config["data"], config["task"], config["training"]["seed"]
-    if data["train_file"]:
-        columns = (data["text_column"], data["text_pair_column"], data["label_column"])
-        train, validation = _read_local(data["train_file"], columns, task), None
-        if data["validation_file"]:
-            validation = _read_local(data["validation_file"], columns, task)
-        else:
-            train, validation = assets.seeded_split(train, data["validation_fraction"], seed)
-        provenance = {"source": "local files", "train_file": os.path.abspath(data["train_file"]),
-                      "validation_file": os.path.abspath(data["validation_file"]) if data["validation_file"]
-                      else f"seeded {data['validation_fraction']:.0%} split of train_file (seed {seed})"}
-    else:
-        train, validation, provenance, columns = _load_hub_or_fallback(config)
-        _check_columns(validation, columns, task, f"{provenance['source']} (validation)")
-    _check_columns(train, columns, task, provenance["source"])
-    train, validation = _limit(train, data["max_train_samples"]), _limit(validation, data["max_eval_samples"])
-    provenance.update(train_rows=len(train), eval_rows=len(validation))
-    return train, validation, provenance, columns
-
-
-def _read_local(path, columns, task):
-    """Rows of a local .txt/.csv/.jsonl/.json file, checked row by row: a bad row is a ConfigError that names
-    the file and the line (or item), never a traceback or a row trained as the string "None"."""
-    with open(path, "rb") as f:
-        raw = f.read()
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[:e.start].count(b"\n") + 1
-        raise ConfigError(f"{path} line {line}: not UTF-8 text (byte {e.start}); "
-                          f"save the file as UTF-8") from None
-    lines = io.StringIO(text, newline=None)  # \r\n and \r read as \n, as open() does
-    if path.endswith(".txt"):  # one example per line
-        return [{columns[0]: line.rstrip("\n")} for line in lines]
-    rows, where = [], []
-    if path.endswith(".csv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        for row in reader:
-            if None in row or None in row.values():  # more or fewer fields than the header
-                fields = len(row) - (None in row) - sum(v is None for v in row.values()) + len(row.get(None) or [])
-                raise ConfigError(f"{path} line {reader.line_num}: {fields} field(s) but the header has "
-                                  f"{len(reader.fieldnames)} ({', '.join(reader.fieldnames)})")
-            rows.append(row)
-            where.append(f"line {reader.line_num}")
-    elif path.endswith(".jsonl"):
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ConfigError(f"{path} line {number}: not valid JSON ({e.msg} at column {e.colno})") from None
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path} line {number}: expected a JSON object per line, got {_kind(row)}")
-            rows.append(row)
-            where.append(f"line {number}")
-    else:  # a list of objects, or {"data": [...]}
-        try:
-            loaded = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} line {e.lineno}: not valid JSON ({e.msg})") from None
-        if isinstance(loaded, dict):
-            if "data" not in loaded:
-                raise ConfigError(f"{path}: a JSON object must hold the examples under \"data\" (its keys: "
-                                  f"{', '.join(map(str, list(loaded)[:5])) or 'none'}); or write a list of objects")
-            loaded = loaded["data"]
-        if not isinstance(loaded, list):
-            raise ConfigError(f"{path}: expected a list of objects, got {_kind(loaded)}")
-        for number, row in enumerate(loaded):
-            if not isinstance(row, dict):
-                raise ConfigError(f"{path} item {number}: expected an object with the example's fields, "
-                                  f"got {_kind(row)}")
-        rows, where = loaded, [f"item {i}" for i in range(len(loaded))]
-    if not rows:
-        raise ConfigError(f"{path} holds no examples")
-    _check_columns(rows, columns, task, path, where)
-    return rows
-
-
-def _kind(value):
-    return {dict: "an object", list: "a list", str: "a string", type(None): "null", bool: "a boolean"}.get(
-        type(value), f"a {type(value).__name__}")
-
-
-def _limit(rows, limit):
-    return rows[:limit] if limit else rows
-
-
-def _load_hub_or_fallback(config):
-    data = config["data"]
-    name, subset = data["dataset_name"], data["dataset_config"]
-    label = f"{name}/{subset}" if subset else name
-    reason = None
-    if hub_reachable() or _in_datasets_cache(name):
-        from datasets import load_dataset
-        try:
-            dataset = load_dataset(name, subset)
-            columns = (data["text_column"], data["text_pair_column"], data["label_column"])
-            return (dataset[data["train_split"]].to_list(), dataset[data["validation_split"]].to_list(),
-                    {"source": "Hugging Face Hub", "dataset": label, "splits": [data["train_split"],
-                                                                              data["validation_split"]]}, columns)
-        except (ConnectionError, OSError) as e:  # includes the offline "not cached" errors
-            reason = f"loading it failed ({type(e).__name__})"
-    fallback = config["fallback"]["offline_dataset"]
-    if not fallback:
-        raise ConfigError(f"dataset '{label}' cannot be loaded (Hub unreachable, not cached); connect, use "
-                          f"train_file, or set fallback.offline_dataset")
-    reason = reason or utils.OFFLINE_REASON
-    banner([f"OFFLINE FALLBACK: dataset '{label}' replaced by {fallback}",
-            f"why: {reason}",
-            f"from: {assets.PROVENANCE[fallback]}",
-            f"split: seeded {data['validation_fraction']:.0%} validation (seed {config['training']['seed']})"])
-    loader = assets.rotten_tomatoes if fallback == "rotten_tomatoes" else assets.english_text
-    train, validation = loader(seed=config["training"]["seed"], validation_fraction=data["validation_fraction"])
-    columns = ("sentence", None, "label") if fallback == "rotten_tomatoes" else ("text", None, None)
-    return train, validation, {"source": assets.PROVENANCE[fallback], "dataset": fallback, "requested": label,
-                               "fallback": True, "reason": reason}, columns
-
-
-def _in_datasets_cache(name):
-    from datasets import config as datasets_config
-    cache = datasets_config.HF_DATASETS_CACHE
-    return os.path.isdir(cache) and any(name.replace("/", "___") in d for d in os.listdir(cache))
-
-
-def _check_columns(rows, columns, task, source, where=None):
-    """Every row has every needed column, texts are strings, labels are numbers or strings of one kind."""
-    text, pair, label = columns
-    if not rows:
-        raise ConfigError(f"the training data from {source} is empty")
-    needed = [c for c in ((text, pair, label) if task == "classification" else (text,)) if c]
-    missing = [c for c in needed if c not in rows[0]]
-    if missing:
-        raise ConfigError(f"column(s) {', '.join(missing)} not in the data (columns: {', '.join(rows[0])}); "
-                          f"set text_column / text_pair_column / label_column")
-    label_kind = None
-    for i, row in enumerate(rows):
-        at = f"{source} {where[i] if where else f'row {i + 1}'}"
-        for column in needed:
-            if column not in row:
-                raise ConfigError(f"{at}: no '{column}' field (the first row has one); every example needs it")
-        for column in (text, pair):
-            if column in needed and not isinstance(row[column], str):
-                raise ConfigError(f"{at}: '{column}' is {_kind(row[column])}, not a text")
-        if task != "classification" or not label:
-            continue
-        value = row[label]
-        if isinstance(value, str) and value.strip():
-            kind = "string"
-        elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-            kind = "number"
-        else:
-            raise ConfigError(f"{at}: label {value!r} is {_kind(value) if value != '' else 'empty'}; "
-                              f"expected a class number or name")
-        label_kind = label_kind or kind
-        if kind != label_kind:  # 1 and "1" would be two classes, and sorting them fails
-            raise ConfigError(f"{at}: label {value!r} is a {kind}, but earlier labels are {label_kind}s; "
-                              f"use one type for every label")
+from config import ConfigError
+from sources import load_splits
 
 
 # ----------------------------------------------------------------------------- tokenizing

@@ -71,7 +71,7 @@ def task_from_config(config: dict) -> Optional[str]:
 
 def read_model_config(model_name: str) -> Optional[dict]:
     """The checkpoint's config.json from a local folder, the Hugging Face cache, or the Hub; None if none."""
-    from utils import hub_reachable
+    from sources import hub_reachable
     if model_name in ASSET_TASKS:
         return {"model_type": "bert" if model_name == "minilm" else "llama"}
     path = None

@@ -23,7 +23,9 @@ import torch
 
 from lora_linear import (ADAPTER_BIN_NAME, ADAPTER_WEIGHTS_NAME, AdapterError, load_adapter, lora_disabled,
                          merge_lora_weights, read_adapter_config)
-from utils import ConfigError, load_base_model, pick_device
+from config import ConfigError
+from precision import pick_device
+from sources import load_base_model
 
 DEMO_SENTENCES = [  # clearly positive, clearly negative, and mixed
     ("positive", "A warm, funny and beautifully acted film that I would happily watch again."),

@@ -514,10 +514,13 @@ def _from_peft_key(key):
     return re.sub(r"\.lora_([AB])(\.default)?\.weight$", r".lora.lora_\1", name)
 
 
-def _write_atomically(path, write):
+def write_atomically(path: str, write) -> str:
+    """write(temporary path), then rename it to `path`: readers see the old file or the new one, never half of
+    one (a rename within a folder is atomic). The repo's one way of writing a result file."""
     tmp = path + ".tmp"
     write(tmp)
-    os.replace(tmp, path)  # readers see the old file or the new one, never half of one
+    os.replace(tmp, path)
+    return path
 
 
 # PEFT's task types, by the transformers class that serves each (the auto-class mapping) or its name ending
@@ -584,9 +587,9 @@ def save_adapter(model, output_dir, base_model_name_or_path=None, task_type=None
         "use_rslora": config["use_rslora"], "init_lora_weights": True, "use_dora": False,
         "inference_mode": True, "base_model_name_or_path": base_model_name_or_path,
     }
-    _write_atomically(os.path.join(output_dir, ADAPTER_WEIGHTS_NAME),
+    write_atomically(os.path.join(output_dir, ADAPTER_WEIGHTS_NAME),
                       lambda p: save_file(tensors, p, metadata={"format": "pt"}))
-    _write_atomically(os.path.join(output_dir, ADAPTER_CONFIG_NAME),
+    write_atomically(os.path.join(output_dir, ADAPTER_CONFIG_NAME),
                       lambda p: open(p, "w").write(json.dumps(peft_config, indent=2) + "\n"))
     return output_dir
 

@@ -18,8 +18,10 @@ import time
 
 import torch
 
-from lora_linear import AdapterError, load_adapter, save_adapter
-from utils import LATEST_RUN_LINK, RESULTS_ROOT, ConfigError, model_reachable, write_json_atomic
+from config import LATEST_RUN_LINK, RESULTS_ROOT, ConfigError
+from lora_linear import AdapterError, load_adapter, save_adapter, write_atomically
+from report import write_json_atomic
+from sources import model_reachable
 
 log = logging.getLogger("train_lora")
 
@@ -276,12 +278,11 @@ def save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, conf
     if os.path.isdir(staging):
         _discard(staging)  # half written by a run that was killed: never mix its files with this one's
     save_adapter(model, staging, base_model_name_or_path=provenance["model"]["used"])
-    torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "scaler": scaler.state_dict() if scaler is not None else None, "state": state,
-                "config": json.dumps(config), "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               os.path.join(staging, "trainer_state.pt.tmp"))
-    os.replace(os.path.join(staging, "trainer_state.pt.tmp"), os.path.join(staging, "trainer_state.pt"))
+    trainer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "scaler": scaler.state_dict() if scaler is not None else None, "state": state,
+                     "config": json.dumps(config), "torch_rng": torch.get_rng_state(),
+                     "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    write_atomically(os.path.join(staging, "trainer_state.pt"), lambda tmp: torch.save(trainer_state, tmp))
     files = {n: os.path.getsize(os.path.join(staging, n)) for n in sorted(os.listdir(staging))}
     write_json_atomic(os.path.join(staging, CHECKPOINT_MARKER),
                       {"step": state["step"], "written": time.time_ns(), "files": files})

@@ -45,7 +45,7 @@ def check_device():
         return f"CUDA ({torch.cuda.get_device_name(0)}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'})"
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return "MPS (Apple GPU)"
-    from utils import cpu_has_native_bf16
+    from precision import cpu_has_native_bf16
     return f"CPU only ({torch.get_num_threads()} threads; native bf16 {'yes' if cpu_has_native_bf16() else 'no'})" \
            " - training works, more slowly"
 

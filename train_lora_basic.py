@@ -27,17 +27,18 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from data import build_datasets, check_max_length, load_splits, make_loader
+from data import build_datasets, check_max_length, make_loader
+from sources import load_splits
 from families import TRACKS
 from losses import ChunkedCausalLM
 from lora_linear import (ROLES, apply_lora_to_model, count_lora_parameters, lora_layers, mark_only_lora_as_trainable,
                          save_adapter)
 from run_folder import (already_done, claim_output_dir, commit_overwrite, load_checkpoint, point_latest_run,
                         restore_previous_run, save_checkpoint, setup_logging)
-from utils import (ConfigError, autocast_context, build_arg_parser, format_parameter_table, library_versions,
-                   load_base_model, load_config, machine_description, peak_memory_mb, pick_device,
-                   plot_training_curves, resolve_precision, set_seed, trainable_to_fp32, write_json_atomic,
-                   write_text_atomic)
+from config import ConfigError, build_arg_parser, load_config
+from precision import autocast_context, pick_device, resolve_precision, set_seed, trainable_to_fp32
+from report import format_parameter_table, library_versions, machine_description, peak_memory_mb, plot_training_curves, write_json_atomic, write_text_atomic
+from sources import load_base_model
 
 log = logging.getLogger("train_lora")
 STOP_REQUESTED = False  # set by Ctrl-C (or a callback); checked after every optimizer step

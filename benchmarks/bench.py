@@ -27,8 +27,10 @@ sys.path.insert(0, ROOT)
 
 from lora_linear import apply_lora_to_model, lora_layers, mark_only_lora_as_trainable, merge_and_unload  # noqa: E402
 from lora_linear import merge_lora_weights  # noqa: E402
-from utils import autocast_context, cpu_has_native_bf16, library_versions, machine_description, pick_device  # noqa: E402
-from utils import peak_memory_mb, resolve_precision  # noqa: E402
+from precision import autocast_context, cpu_has_native_bf16, pick_device  # noqa: E402
+from report import library_versions, machine_description  # noqa: E402
+from precision import resolve_precision  # noqa: E402
+from report import peak_memory_mb  # noqa: E402
 
 HF_REFERENCE = os.path.join("benchmarks", "hf_trainer_reference.py")
 ROWS = []  # (section, contender, value, unit, ratio text)
@@ -207,7 +209,7 @@ import sys, json, torch
 sys.path.insert(0, {root!r})
 from benchmarks.bench import bert_base, make_step, peak_memory_during
 from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
-from utils import pick_device
+from precision import pick_device
 device = pick_device({device!r})
 mode, quick = {mode!r}, {quick!r}
 model = bert_base(quick, device).train()

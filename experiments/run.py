@@ -242,7 +242,9 @@ def plain_train(prepare, seed, lr, keep_model=False):
     from transformers import get_linear_schedule_with_warmup
     from data import build_datasets, make_loader
     from train_lora_basic import evaluate
-    from utils import build_arg_parser, load_base_model, load_config, set_seed
+    from config import build_arg_parser, load_config
+    from precision import set_seed
+    from sources import load_base_model
     config = load_config(build_arg_parser("").parse_args(BUDGET + ["--seed", str(seed), "--lr", str(lr)]))
     t = config["training"]
     set_seed(seed)
@@ -394,7 +396,7 @@ def q10_methods(args):
     # inference latency: one batch of 64 validation sentences
     import assets
     batch = tokenizer([r["sentence"] for r in assets.rotten_tomatoes()[1][:64]], padding=True, return_tensors="pt")
-    from utils import load_base_model
+    from sources import load_base_model
     base, _, _ = load_base_model("minilm", "classification", 2)
     import copy
     merged = merge_lora_weights(copy.deepcopy(lora))
@@ -471,7 +473,8 @@ def _q7_child(mode):
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     from bench import peak_memory_during
     from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
-    from utils import autocast_context, load_base_model, trainable_to_fp32
+    from precision import autocast_context, trainable_to_fp32
+    from sources import load_base_model
     torch.manual_seed(0)
     # what --base_dtype bf16 does in training: LoRA weights are created in fp32 on the bf16 base, the head upcast
     model, _, _ = load_base_model("minilm", "classification", 2, dtype="bf16" if "stored in bf16" in mode else "fp32")

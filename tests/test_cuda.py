@@ -10,7 +10,8 @@ import train_lora_basic
 from lora_linear import (apply_lora_to_model, load_adapter, mark_only_lora_as_trainable, merge_lora_weights,
                          save_adapter, unmerge_lora_weights)
 from test_training import bert_args, gpt2_args, metrics_of
-from utils import peak_memory_mb, pick_device, resolve_precision
+from precision import pick_device, resolve_precision
+from report import peak_memory_mb
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 CUDA = torch.device("cuda")

@@ -144,6 +144,8 @@ def test_kill_at_every_instruction_of_the_swap_loses_nothing(kill_at, kill_in_se
 DRIVER = """
 import os, signal, sys, json
 sys.path.insert(0, {root!r})
+import torch
+torch.set_num_threads({threads})  # the reference run's thread count: reductions then add up in the same order
 import run_folder
 import train_lora_basic
 argv, kill_src = json.loads(sys.argv[1]), sys.argv[2]
@@ -168,9 +170,9 @@ train_lora_basic.main(argv)
 ])
 def test_real_kill_9_inside_the_swap(kill_before, left, reference, tiny_assets, tmp_path):
     out = tmp_path / "run"
-    result = subprocess.run([sys.executable, "-c", DRIVER.format(root=ROOT), json.dumps(run_args(tiny_assets, out)),
-                             kill_before], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run([sys.executable, "-c", DRIVER.format(root=ROOT, threads=torch.get_num_threads()),
+                             json.dumps(run_args(tiny_assets, out)), kill_before], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
     assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
     assert checkpoint_folders(out) == left
     assert (out / ".lock").is_file()  # left by the dead process; the next run sees that it is dead

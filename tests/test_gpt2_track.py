@@ -11,6 +11,7 @@ import torch
 
 import train_lora_basic
 import utils
+from config import build_arg_parser, load_config
 from conftest import model_output, randomize_lora_B, tiny_bert, tiny_gpt2, tiny_llama
 from lora_linear import (AdapterError, apply_lora_to_model, count_lora_parameters, load_adapter, lora_layers,
                          mark_only_lora_as_trainable, merge_lora_weights, save_adapter)
@@ -132,7 +133,7 @@ def test_unknown_target_exits_2_listing_roles_and_layer_names(tiny_assets, tmp_p
 # --------------------------------------------------------------------------- the model decides the track
 
 def config_of(*argv):
-    return utils.load_config(utils.build_arg_parser("").parse_args(list(argv)))
+    return load_config(build_arg_parser("").parse_args(list(argv)))
 
 
 def test_a_causal_lm_checkpoint_picks_the_gpt2_track_from_its_config(tiny_assets):

@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 def test_minilm_learns_sentiment_from_the_bundled_sentences_with_a_loud_fallback(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr("utils._HUB_REACHABLE", None)
+    monkeypatch.setattr("sources._HUB_REACHABLE", None)
     out = tmp_path / "minilm"
     code = train_lora_basic.main(["--config", "config.yaml", "--output_dir", str(out), "--epochs", "1",
                                   "--max_train_samples", "1600", "--max_eval_samples", "200", "--logging_steps", "20",

@@ -60,7 +60,8 @@ def test_saved_adapter_reloads_to_the_same_eval_metric(tiny_assets, tmp_path):
 def single_process_accuracy(assets, out):
     """The validation accuracy of the adapter saved in `out`, loaded onto a fresh base and evaluated here."""
     from data import build_datasets, make_loader
-    from utils import load_base_model, load_config, build_arg_parser
+    from config import build_arg_parser, load_config
+    from sources import load_base_model
     config = load_config(build_arg_parser("").parse_args(bert_args(assets, out)))
     model, tokenizer, _ = load_base_model(config["model_name"], "classification", 2)
     load_adapter(model, out)
@@ -157,7 +158,7 @@ def test_bad_config_file_exits_2_before_loading_anything(tmp_path):
 
 
 def test_shipped_configs_are_valid():
-    from utils import build_arg_parser, load_config
+    from config import build_arg_parser, load_config
     for path in ("config.yaml", "configs/gpt2_wikitext.yaml"):
         config = load_config(build_arg_parser("").parse_args(["--config", os.path.join(ROOT, path)]))
         assert config["lora"]["rank"] == 8 and config["lora"]["alpha"] == 16.0
