@@ -6,7 +6,9 @@ bf16 weight would round away); autocast runs the frozen base's matmuls in bf16 o
 
 import os
 import random
+import time
 from contextlib import nullcontext
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -41,18 +43,43 @@ def cpu_has_native_bf16():
 
 
 
-def resolve_precision(precision, device):
-    """auto -> bf16 on bf16-capable CUDA and on CPUs with native bf16, fp16 on older CUDA, else fp32."""
+def native_half_precision(device: torch.device) -> Optional[str]:
+    """The half precision this device computes natively, if any: bf16 on CUDA that has it (fp16 on older
+    CUDA) and on CPUs with AVX512-BF16 or AMX; None elsewhere (a CPU without them emulates bf16, far slower)."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device.type == "cpu" and cpu_has_native_bf16():
+        return "bf16"
+    return None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """The hardware rule: auto -> the device's native half precision, else fp32. choose_precision refines auto
+    by timing the job's own steps."""
     if precision == "auto":
-        if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        if device.type == "cpu" and cpu_has_native_bf16():
-            return "bf16"
-        return "fp32"
+        return native_half_precision(device) or "fp32"
     if precision == "fp16" and device.type == "cpu":
         raise ConfigError("fp16 autocast needs a GPU; on CPU use precision: bf16 or fp32 (or auto)")
     return precision
 
+
+def choose_precision(precision: str, device: torch.device,
+                     seconds_per_step: Optional[Callable[[str], float]] = None) -> Tuple[str, str]:
+    """(precision, why). A set precision is used as it is. auto: fp32 where the device has no native half
+    precision; otherwise, given seconds_per_step(candidate), whichever of fp32 and the half precision is
+    faster on the job's own steps (half precision is not always faster: small GPU batches wait on kernel
+    launches, and autocast adds a cast per weight per step); without it, the half precision."""
+    if precision != "auto":
+        return resolve_precision(precision, device), "set in the config"
+    half = native_half_precision(device)
+    if half is None:
+        return "fp32", f"auto: {device.type} has no native half precision"
+    if seconds_per_step is None:
+        return half, f"auto: {half} is native on {device.type}"
+    times = {candidate: seconds_per_step(candidate) for candidate in ("fp32", half)}
+    best = min(times, key=times.get)
+    measured = ", ".join(f"{c} {t * 1000:.0f} ms" for c, t in times.items())
+    return best, f"auto: the faster on this job's longest batch ({measured} per step)"
 
 
 def autocast_context(precision, device):
@@ -79,3 +106,40 @@ def set_seed(seed):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def seconds_per_training_step(model: torch.nn.Module, batch: dict, precision: str, device: torch.device,
+                              repeats: int = 2) -> float:
+    """The fastest of `repeats` forward + backward passes on `batch` (after one warm-up), leaving no trace:
+    gradients are cleared and the random state (dropout masks) is put back, so a run that measured first
+    trains exactly like one that did not."""
+    cpu_rng = torch.get_rng_state()
+    cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
+    times = []
+    for i in range(repeats + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        with autocast_context(precision, device):
+            loss = model(**batch).loss
+        loss.backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i:  # the first pass warms up allocators and kernels
+            times.append(time.perf_counter() - start)
+    for param in model.parameters():
+        param.grad = None
+    torch.set_rng_state(cpu_rng)
+    if cuda_rng is not None:
+        torch.cuda.set_rng_state_all(cuda_rng)
+    return min(times)
+
+
+def cast_frozen_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Store the frozen floating-point weights in `dtype` (what base_dtype: bf16 loads), leaving what trains in
+    fp32: under bf16 autocast the matmuls read bf16 weights anyway, and storing them so halves their memory
+    and saves a cast per weight per step."""
+    for param in model.parameters():
+        if not param.requires_grad and param.is_floating_point():
+            param.data = param.data.to(dtype)
+    return model

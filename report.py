@@ -6,10 +6,12 @@ import json
 import os
 import platform
 import sys
+import time
+from collections import Counter
 
 import torch
 
-from lora_linear import write_atomically
+from lora_linear import ROLES, lora_layers, write_atomically
 
 
 
@@ -36,6 +38,19 @@ def machine_description(device):
         pass
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
 
+
+
+def describe_lora_layers(model, compact: bool = False) -> str:
+    """What was adapted, e.g. 'c_attn (q, v slices) x 12' for the log, or 'c_attn[q,v]' (compact) for tables."""
+    kinds = Counter()
+    for name, layer in lora_layers(model):
+        parts = layer.lora.parts
+        roles = [role[0] for role, on in zip(ROLES, parts or ()) if on]
+        slices = (f"[{','.join(roles)}]" if compact else f" ({', '.join(roles)} slices)") if parts else ""
+        kinds[name.rsplit(".", 1)[-1] + slices] += 1
+    if compact:
+        return ",".join(kinds)
+    return ", ".join(f"{kind} x {count}" for kind, count in kinds.items())
 
 
 def peak_memory_mb(device):
@@ -101,3 +116,53 @@ def write_text_atomic(path: str, text: str) -> None:
 
 def write_json_atomic(path: str, data) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
+
+
+def write_run_report(run) -> dict:
+    """training_metrics.json, training_curves.png and model_comparison.txt for a finished run (train_lora_basic.Run);
+    returns the metrics."""
+    config, model, state, counts, provenance = run.config, run.model, run.state, run.counts, run.provenance
+    output_dir, device = config["output_dir"], run.device
+    metric = state["best"]["metric_name"]
+    plot_training_curves(state["history"], os.path.join(output_dir, "training_curves.png"), metric)
+    adapter_bytes = os.path.getsize(os.path.join(output_dir, "adapter_model.safetensors"))
+    base_params = counts["total"] - counts["lora"]
+    full_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".lora." not in n)
+    peak = peak_memory_mb(device)
+    metrics = {
+        "best": state["best"], "epochs": state["epochs"], "history": state["history"],
+        "parameters": counts, "adapted_layers": describe_lora_layers(model, compact=True), "precision": run.precision,
+        "precision_reason": run.precision_reason, "device": str(device),
+        "machine": machine_description(device), "world_size": run.world_size,
+        "train_time_s": round(state["train_time_s"], 2), "eval_time_s": round(state.get("eval_time_s", 0.0), 2),
+        "wall_time_s": round(time.time() - run.start, 2), "initial_eval": state["history"]["eval"][0],
+        "peak_memory_mb": round(peak, 1), "peak_memory_kind": "cuda max allocated" if device.type == "cuda"
+        else "process peak RSS", "adapter_bytes": adapter_bytes, "library_versions": library_versions(),
+        "label_names": provenance["data"].get("label_names"), "provenance": provenance, "config": config,
+    }
+    write_json_atomic(os.path.join(output_dir, "training_metrics.json"), metrics)
+    comparison = "\n".join([
+        "LoRA vs full fine-tuning (measured in this run)",
+        "",
+        "Parameters",
+        f"  base model parameters          {base_params:>14,}",
+        f"  trainable with LoRA            {counts['trainable']:>14,}  ({counts['percentage']:.3f}% of total; "
+        f"LoRA {counts['lora']:,} + other {counts['trainable'] - counts['lora']:,})",
+        f"  trainable with full FT         {base_params:>14,}",
+        f"  reduction                      {base_params / counts['trainable']:>13.1f}x fewer trainable parameters",
+        "",
+        "Files",
+        f"  adapter_model.safetensors      {adapter_bytes / 2**20:>11.2f} MB",
+        f"  full model weights ({next(model.parameters()).dtype})".ljust(33) + f"{full_bytes / 2**20:>11.2f} MB"
+        f"  ({full_bytes / adapter_bytes:.0f}x the adapter)",
+        "",
+        "Memory",
+        f"  peak training memory           {peak:>11.0f} MB  ({metrics['peak_memory_kind']}, "
+        f"precision {run.precision}, batch {config['training']['batch_size']})",
+        "  full fine-tuning memory: run benchmarks/ (it is measured there, not guessed here)",
+        "",
+        f"Model: {provenance['model']['used']} [{provenance['model']['source']}]",
+        f"Data: {provenance['data'].get('dataset', '')} [{provenance['data']['source']}]",
+    ])
+    write_text_atomic(os.path.join(output_dir, "model_comparison.txt"), comparison + "\n")
+    return metrics

@@ -4,17 +4,22 @@
   and --overwrite_output_dir that moves the previous run aside and deletes it only once the new run has a result.
 - Checkpoints: written completely into checkpoint.new/ (a marker file last), then swapped in by renames. A kill
   at any instruction leaves a state from which newest_checkpoint finds the newest complete checkpoint.
-- The log file, the ./output link to the latest finished run, and the "already done" check of a sweep.
+- The log file, TensorBoard scalars and the history (RunRecord), the loss sums kept on the device (StepSums),
+  Ctrl-C (request_stop), the best adapter, the ./output link to the latest finished run, and the "already done"
+  check of a sweep.
 
 train_lora_basic.py calls these; the loop itself stays there, where a learner reads it.
 """
 
 import json
 import logging
+import math
 import os
 import shutil
+import signal
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -205,6 +210,138 @@ def point_latest_run(output_dir):
 
 
 
+# ----------------------------------------------------------------------------- Ctrl-C, divergence
+
+_STOP_REQUESTED = False  # set by Ctrl-C (or a callback); the loop checks it after every optimizer step
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or an evaluation became nan or inf: reported in one line, exit status 1."""
+
+
+def request_stop(*_) -> None:
+    """SIGINT handler: the loop finishes its optimizer step, saves a checkpoint and exits 130."""
+    global _STOP_REQUESTED
+    if _STOP_REQUESTED:  # a second Ctrl-C stops at once
+        raise KeyboardInterrupt
+    _STOP_REQUESTED = True
+
+
+def stop_requested() -> bool:
+    return _STOP_REQUESTED
+
+
+def catch_ctrl_c(enabled: bool):
+    """Route Ctrl-C to request_stop for this run; returns the handler to put back (None if not enabled)."""
+    global _STOP_REQUESTED
+    _STOP_REQUESTED = False
+    return signal.signal(signal.SIGINT, request_stop) if enabled else None
+
+
+# ----------------------------------------------------------------------------- what a run records
+
+class StepSums:
+    """Loss and correct counts summed on the device and read on the host once per log line, evaluation or
+    checkpoint: reading them every step would make a GPU wait idle while Python prepares the next step."""
+
+    def __init__(self, device: torch.device, state: dict):
+        self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x items, correct
+        self.items = 0
+        parked = state.pop("pending", None)
+        if parked:  # sums an interrupted run had not flushed: added up in the uninterrupted order
+            self.sums[:] = torch.tensor(parked[:2], dtype=torch.float64)
+            self.items = parked[2]
+        self.state = state
+
+    def add(self, loss: torch.Tensor, items: int, correct: Optional[torch.Tensor] = None) -> None:
+        self.sums[0] += loss.detach().double() * items
+        if correct is not None:
+            self.sums[1] += correct
+        self.items += items
+
+    def flush(self) -> None:
+        """Move the sums into the log window and the epoch's sums; a nan loss stops the run here, before any
+        evaluation or save can see the diverged weights."""
+        if not self.items:
+            return
+        loss_sum, correct = self.sums.tolist()
+        if not math.isfinite(loss_sum):
+            raise TrainingDiverged(f"loss became {loss_sum} by step {self.state['step']}")
+        for sums in (self.state["window"], self.state["epoch_sums"]):
+            sums[0], sums[1], sums[2] = sums[0] + loss_sum, sums[1] + correct, sums[2] + self.items
+        self.sums.zero_()
+        self.items = 0
+
+    def park(self) -> None:
+        """Keep unflushed sums in the state as they are (for the checkpoint): flushing them now would add them
+        up in another order than an uninterrupted run does, and its logged losses would differ in the last bit."""
+        self.state["pending"] = self.sums.tolist() + [self.items]
+        if not math.isfinite(self.state["pending"][0]):
+            raise TrainingDiverged(f"loss became {self.state['pending'][0]} by step {self.state['step']}")
+
+
+class RunRecord:
+    """Each logged window and evaluation goes three ways: the state's history (metrics json, curves,
+    checkpoint), the log (console and training_log.txt) and TensorBoard (logs/<run name>)."""
+
+    def __init__(self, state: dict, logging_dir: Optional[str], purge_step: Optional[int]):
+        self.state, self.writer = state, None
+        if logging_dir:
+            from torch.utils.tensorboard import SummaryWriter
+            # purge_step: events a killed run logged after its checkpoint are dropped, not shown twice
+            self.writer = SummaryWriter(logging_dir, purge_step=purge_step)
+
+    def _scalars(self, prefix: str, values: dict) -> None:
+        if self.writer:
+            for name, value in values.items():
+                self.writer.add_scalar(f"{prefix}/{name}", value, self.state["step"])
+
+    def train_window(self, total_steps: int, lr: float, with_accuracy: bool) -> dict:
+        """The mean loss (and accuracy) since the last log line."""
+        state, window = self.state, self.state["window"]
+        entry = {"step": state["step"], "epoch": state["epoch"] + 1, "loss": window[0] / window[2], "lr": lr}
+        if with_accuracy:
+            entry["accuracy"] = window[1] / window[2]
+        state["history"]["train"].append(entry)
+        log.info(f"step {state['step']}/{total_steps} " + " ".join(f"{k} {v:.4g}" for k, v in entry.items()
+                                                                   if k != "step"))
+        self._scalars("train", {k: v for k, v in entry.items() if k in ("loss", "accuracy", "lr")})
+        window[:] = [0.0, 0.0, 0]
+        return entry
+
+    def evaluation(self, result: dict, metric: str, baseline: bool) -> None:
+        state = self.state
+        state["history"]["eval"].append({"step": state["step"], "epoch": state["epoch"] + 1, **result})
+        log.info(f"eval step {state['step']}{' (before training)' if baseline else ''}: loss {result['loss']:.4f}, "
+                 f"{metric} {result[metric]:.4f}")
+        self._scalars("eval", result)
+
+    def close(self) -> None:
+        if self.writer:
+            self.writer.close()
+
+
+def new_state() -> dict:
+    """What a run carries from step to step, and what a checkpoint saves."""
+    return {"step": 0, "epoch": 0, "batch_in_epoch": 0, "epoch_sums": [0.0, 0.0, 0.0], "window": [0.0, 0.0, 0],
+            "history": {"train": [], "eval": []}, "epochs": [], "best": None, "train_time_s": 0.0,
+            "eval_time_s": 0.0}
+
+
+def keep_if_best(output_dir: Optional[str], model, state: dict, result: dict, metric: str, base_name: str) -> None:
+    """A new best evaluation (higher accuracy, lower perplexity) becomes state["best"], and its adapter replaces
+    the one at the top of output_dir (None: nothing is written)."""
+    value, best = result[metric], state["best"]
+    better = best is None or (value > best["value"] if metric == "accuracy" else value < best["value"])
+    if not better:
+        return
+    state["best"] = {"metric_name": metric, "value": value, "step": state["step"], "epoch": state["epoch"] + 1}
+    if output_dir is not None:
+        commit_overwrite(output_dir)
+        save_adapter(model, output_dir, base_model_name_or_path=base_name)
+        log.info(f"new best eval {metric} {value:.4f}: adapter saved to {output_dir}")
+
+
 # ----------------------------------------------------------------------------- checkpoints
 
 CHECKPOINT_NAMES = ("checkpoint", "checkpoint.new", "checkpoint.old")  # every state the swap can leave
@@ -230,6 +367,18 @@ def _checkpoint_step(folder):
     except Exception:  # unreadable marker or state: incomplete
         return None
     return None
+
+
+def checkpoint_precision(output_dir: str) -> Optional[tuple]:
+    """(precision, base_dtype) the newest checkpoint was trained in, None if unknown: a resumed run continues
+    in the precision it started in instead of measuring again."""
+    folder = newest_checkpoint(output_dir)
+    try:
+        with open(os.path.join(folder, CHECKPOINT_MARKER)) as f:
+            info = json.load(f)
+        return (info["precision"], info["base_dtype"]) if info.get("precision") else None
+    except (TypeError, OSError, ValueError, KeyError):
+        return None
 
 
 def newest_checkpoint(output_dir):
@@ -285,7 +434,8 @@ def save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, conf
     write_atomically(os.path.join(staging, "trainer_state.pt"), lambda tmp: torch.save(trainer_state, tmp))
     files = {n: os.path.getsize(os.path.join(staging, n)) for n in sorted(os.listdir(staging))}
     write_json_atomic(os.path.join(staging, CHECKPOINT_MARKER),
-                      {"step": state["step"], "written": time.time_ns(), "files": files})
+                      {"step": state["step"], "written": time.time_ns(), "files": files,
+                       "precision": state.get("precision"), "base_dtype": config["training"]["base_dtype"]})
     if os.path.isdir(old):
         _discard(old)  # left by a kill after an earlier swap; older than final
     if os.path.isdir(final):

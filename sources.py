@@ -135,6 +135,25 @@ def load_base_model(model_name, task, num_labels=2, fallback=None, dtype="fp32")
     return model, tokenizer, provenance
 
 
+def check_local_head(config: dict) -> None:
+    """A local sequence-classification checkpoint whose head has another number of labels than num_labels: one line
+    here instead of transformers' size-mismatch traceback."""
+    path = os.path.join(config["model_name"], "config.json")
+    if config["task"] != "classification" or not os.path.isfile(path):
+        return
+    try:
+        with open(path, encoding="utf-8") as f:
+            saved = json.load(f)
+        has_head = any(str(a).endswith("ForSequenceClassification") for a in saved.get("architectures") or [])
+        # transformers writes id2label only when it differs from its default of two labels
+        labels = len(saved["id2label"]) if isinstance(saved.get("id2label"), dict) else saved.get("num_labels", 2)
+    except (OSError, ValueError, AttributeError, TypeError):
+        return  # unreadable: transformers reports it
+    if has_head and isinstance(labels, int) and labels != config["num_labels"]:
+        raise ConfigError(f"model '{config['model_name']}' has a {labels}-label classification head but num_labels "
+                          f"is {config['num_labels']}; set num_labels: {labels} or start from a model without a head")
+
+
 # ----------------------------------------------------------------------------- data
 
 

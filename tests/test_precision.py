@@ -1,0 +1,86 @@
+"""precision: auto is decided by timing the job's own steps where the device has a native half precision."""
+import json
+
+import pytest
+import torch
+
+import precision
+import train_lora_basic
+from conftest import tiny_bert
+from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
+from test_training import bert_args
+
+CPU = torch.device("cpu")
+
+
+def test_auto_is_fp32_without_a_native_half_precision(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: False)
+    never = lambda candidate: pytest.fail("nothing to measure: fp32 is the only fast candidate")  # noqa: E731
+    assert precision.choose_precision("auto", CPU, never)[0] == "fp32"
+
+
+@pytest.mark.parametrize("fp32_s, bf16_s, expected", [(1.0, 0.5, "bf16"), (0.5, 1.0, "fp32")])
+def test_auto_picks_the_faster_measured_candidate(monkeypatch, fp32_s, bf16_s, expected):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    seconds = {"fp32": fp32_s, "bf16": bf16_s}
+    chosen, reason = precision.choose_precision("auto", CPU, seconds.get)
+    assert chosen == expected
+    assert f"fp32 {fp32_s * 1000:.0f} ms" in reason and f"bf16 {bf16_s * 1000:.0f} ms" in reason
+    assert precision.choose_precision("fp32", CPU, seconds.get) == ("fp32", "set in the config")
+
+
+def test_measuring_a_step_leaves_no_trace():
+    model = mark_only_lora_as_trainable(apply_lora_to_model(tiny_bert(), ["query", "value"], rank=4, dropout=0.2))
+    model.train()
+    for name, param in model.named_parameters():  # B = 0 would hide a changed weight
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    batch = {"input_ids": torch.randint(5, 90, (4, 12)), "labels": torch.tensor([0, 1, 0, 1])}
+    torch.manual_seed(3)
+    expected_draw = torch.rand(3)
+    torch.manual_seed(3)
+    assert precision.seconds_per_training_step(model, batch, "fp32", CPU) > 0
+    assert torch.equal(torch.rand(3), expected_draw)  # dropout masks drawn afterwards are the unmeasured run's
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def measured_run(tiny_assets, out, monkeypatch, seconds, *extra):
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    calls = []
+
+    def fake_seconds(model, batch, candidate, device):
+        calls.append(candidate)
+        return seconds[candidate]
+    monkeypatch.setattr(train_lora_basic, "seconds_per_training_step", fake_seconds)
+    code = train_lora_basic.main(bert_args(tiny_assets, out, "--epochs", "2", *extra))
+    return code, calls
+
+
+@pytest.mark.parametrize("seconds, chosen", [({"fp32": 2.0, "bf16": 1.0}, "bf16"),
+                                             ({"fp32": 1.0, "bf16": 2.0}, "fp32")])
+def test_auto_run_records_the_measured_choice(tiny_assets, tmp_path, monkeypatch, seconds, chosen):
+    code, calls = measured_run(tiny_assets, tmp_path / "run", monkeypatch, seconds)
+    assert code == 0 and sorted(calls) == ["bf16", "fp32"]
+    metrics = json.loads((tmp_path / "run" / "training_metrics.json").read_text())
+    assert metrics["precision"] == chosen and "ms per step" in metrics["precision_reason"]
+    assert metrics["config"]["training"]["base_dtype"] == chosen  # base_dtype auto follows the choice
+    assert f"precision: {chosen} (auto: the faster" in (tmp_path / "run" / "training_log.txt").read_text()
+
+
+def test_a_resumed_auto_run_keeps_its_precision_without_measuring_again(tiny_assets, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+
+    def stop_at_step_3(state):
+        if state["step"] == 3:
+            train_lora_basic.request_stop()
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(train_lora_basic, "seconds_per_training_step",
+                        lambda model, batch, candidate, device: {"fp32": 2.0, "bf16": 1.0}[candidate])
+    assert train_lora_basic.main(bert_args(tiny_assets, out, "--epochs", "2"), callbacks=[stop_at_step_3]) == 130
+    # the same job now measures the other way round: a resumed run must not switch (nor refuse to resume)
+    code, calls = measured_run(tiny_assets, out, monkeypatch, {"fp32": 1.0, "bf16": 2.0}, "--resume")
+    assert code == 0 and calls == []
+    metrics = json.loads((out / "training_metrics.json").read_text())
+    assert (metrics["precision"], metrics["config"]["training"]["base_dtype"]) == ("bf16", "bf16")
