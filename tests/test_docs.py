@@ -45,3 +45,41 @@ def test_readme_and_guide_quote_the_bert_base_parameter_counts():
     for number in (counts["total"], counts["trainable"], counts["lora"], head, counts["frozen"]):
         assert f"{number:,}" in guide, f"GUIDE.md does not quote {number:,}"
     assert f"{counts['percentage']:.2f}%" in readme and f"{counts['percentage']:.3f}" in guide
+
+
+def test_guide_names_only_functions_that_exist():
+    """Every `module.name` in GUIDE.md is defined in that module, and every other `snake_case` name it quotes
+    appears in the code or the tests (a function, class, attribute, key, or a model's layer name such as GPT-2's
+    c_fc, which the tests build): a renamed function fails here."""
+    import ast
+    import glob
+    guide = open(os.path.join(ROOT, "GUIDE.md")).read()
+    prose = re.sub(r"```.*?```", "", guide, flags=re.S)
+    files = glob.glob(os.path.join(ROOT, "*.py")) + glob.glob(os.path.join(ROOT, "experiments", "*.py")) + \
+        glob.glob(os.path.join(ROOT, "tests", "*.py"))  # GUIDE cites tests by name too
+    defined, source = {}, ""
+    for path in files:
+        text = open(path).read()
+        source += text
+        module = os.path.splitext(os.path.basename(path))[0]
+        tree = ast.parse(text)
+        defined[module] = {node.name for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.ClassDef))}
+        defined[module] |= {target.id for node in tree.body if isinstance(node, ast.Assign)
+                            for target in node.targets if isinstance(target, ast.Name)}
+    classes = {name for names in defined.values() for name in names if name[:1].isupper()}
+    quoted = re.findall(r"`([A-Za-z_][\w.]*)(?:\(.*?\))?`", prose)
+    checked = 0
+    for name in quoted:
+        module, _, attribute = name.rpartition(".")
+        if attribute in ("py", "md", "json", "yaml", "txt", "png"):  # a file name
+            continue
+        if module in defined and attribute:
+            assert attribute in defined[module], f"GUIDE.md names {name}, which {module}.py does not define"
+            checked += 1
+        elif module in classes:  # Class.method
+            assert re.search(rf"def {attribute}\b", source), f"GUIDE.md names {name}, which is defined nowhere"
+            checked += 1
+        elif "_" in name and "." not in name and not name.endswith(("_py", ".py")):
+            assert re.search(rf"\b{re.escape(name)}\b", source), f"GUIDE.md names `{name}`, found nowhere in the code"
+            checked += 1
+    assert checked >= 30
