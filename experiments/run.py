@@ -9,8 +9,10 @@ Experiments behind discussion.md. One subcommand per question; each writes exper
     python experiments/run.py q5_scaling                                     # alpha/r vs none vs rsLoRA
     python experiments/run.py q6_merge_precision --adapter_dir expected_output
     python experiments/run.py q7_memory                                      # memory and time per step
+    python experiments/run.py q8_inference --adapter_dir expected_output     # merged vs pruned vs int8
     python experiments/run.py q10_methods                                    # LoRA, BitFit, full FT, IA3, prefix
     python experiments/run.py q11_dynamic_rank                               # rank allocated by singular values
+    python experiments/run.py q11_adaptive_rank                              # rank reallocated during training
     python experiments/run.py q12_vit                                        # where LoRA goes in a ViT
 
 Training subcommands take --seeds (e.g. --seeds 42 43 44) and report mean and standard deviation. They use the
@@ -235,15 +237,17 @@ def q12_vit(args):
 
 # ----------------------------------------------------------------------------- Q10, Q11: one loop for every method
 
-def plain_train(prepare, seed, lr, keep_model=False):
+def plain_train(prepare, seed, lr, keep_model=False, on_run=None):
     """Train a model made by `prepare(model)` at the same budget as `train`, with the training script's own
     loop (train_lora_basic.build_run + train_loop: data, length-grouped batches, AdamW with no decay on biases,
     warmup + linear decay, clipping, evaluation), in memory: Q10 needs BitFit, full fine-tuning and
-    PEFT-wrapped models too, which prepare() builds in place of the LoRA step."""
+    PEFT-wrapped models too, which prepare() builds in place of the LoRA step. on_run(run), if given, sees the
+    built run before training (Q11 hooks its rank allocator into the optimizer there)."""
     import train_lora_basic
     from config import build_arg_parser, load_config
     config = load_config(build_arg_parser("").parse_args(BUDGET + ["--seed", str(seed), "--lr", str(lr)]))
     run = train_lora_basic.build_run(config, torch.device("cpu"), saves=False, prepare=prepare)
+    extra = on_run(run) if on_run else None
     train_lora_basic.train_loop(run)
     epochs = [{"seconds": round(e["time_s"], 1), "eval_loss": round(e["eval_loss"], 4),
                "accuracy": round(e["eval_accuracy"], 4)} for e in run.state["epochs"]]
@@ -252,6 +256,8 @@ def plain_train(prepare, seed, lr, keep_model=False):
               "best_accuracy": max(e["accuracy"] for e in epochs)}
     if keep_model:
         result["model"], result["tokenizer"] = run.model.eval(), run.tokenizer
+    if extra:
+        result.update(extra())
     return result
 
 
@@ -287,6 +293,11 @@ def _full(model):
     return model
 
 
+def _houlsby(model):
+    from baselines import add_houlsby_adapters
+    return add_houlsby_adapters(model, bottleneck=8)  # about LoRA r=8's parameter count (the table says)
+
+
 def _peft(kind):
     def prepare(model):
         from peft import IA3Config, PrefixTuningConfig, TaskType, get_peft_model
@@ -302,6 +313,7 @@ METHODS = {
     "LoRA r=8 q,v (this repo)": (_lora(), LORA_LR),
     "BitFit (biases + head)": (_bitfit, 1e-3),
     "full fine-tuning": (_full, 5e-5),
+    "Houlsby adapters, bottleneck 8 (hand-written)": (_houlsby, 1e-3),
     "IA3 (peft)": (_peft("ia3"), 3e-3),
     "prefix tuning, 20 tokens (peft)": (_peft("prefix"), 1e-2),
 }
@@ -483,7 +495,90 @@ def _q7_child(mode):
                       "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}))
 
 
-COMMANDS = {f.__name__: f for f in (q1_spectrum, q2_rank, q3_init_B, q4_targets, q5_scaling, q6_merge_precision, q7_memory, q10_methods, q10_lr, q11_dynamic_rank, q12_vit)}
+# ----------------------------------------------------------------------------- Q8: merging against compression
+
+def q8_inference(args):
+    """The trained adapter (--adapter_dir) served unmerged, merged, and merged then compressed the usual ways:
+    magnitude pruning (50%, 80% of every Linear) and int8 dynamic quantization. Accuracy on the 400 validation
+    sentences, median latency of a batch of 64, and the bytes each form stores."""
+    import copy
+    import assets
+    from transformers import AutoTokenizer
+    from baselines import int8_dynamic, magnitude_prune, state_bytes
+    from lora_linear import merge_and_unload
+    tokenizer = AutoTokenizer.from_pretrained(assets.model_dir("minilm"))
+    validation = assets.rotten_tomatoes()[1]
+    labels = torch.tensor([r["label"] for r in validation])
+    unmerged = load_minilm_with_adapter(args.adapter_dir)
+    merged = merge_and_unload(copy.deepcopy(unmerged))
+    forms = {"LoRA unmerged": unmerged, "merged (merge_and_unload)": merged,
+             "merged + 50% magnitude pruning": magnitude_prune(copy.deepcopy(merged), 0.5),
+             "merged + 80% magnitude pruning": magnitude_prune(copy.deepcopy(merged), 0.8),
+             "merged + int8 dynamic quantization": int8_dynamic(copy.deepcopy(merged))}
+    rows = []
+    for label, model in forms.items():
+        correct = 0
+        with torch.no_grad():
+            for start in range(0, len(validation), 100):
+                batch = tokenizer([r["sentence"] for r in validation[start:start + 100]], padding=True,
+                                  return_tensors="pt")
+                correct += int((model(**batch).logits.argmax(-1) == labels[start:start + 100]).sum())
+        rows.append({"form": label, "accuracy": round(correct / len(validation), 4),
+                     "stored_mb": round(state_bytes(model) / 2**20, 1)})
+    batch = tokenizer([r["sentence"] for r in validation[:64]], padding=True, return_tensors="pt")
+    latency = _latency_ms(forms, batch)
+    for row in rows:
+        row["latency_ms_batch_64"] = latency[row["form"]]
+    save("q8_inference", {"adapter": os.path.relpath(args.adapter_dir, ROOT), "sentences": len(validation),
+                          "threads": torch.get_num_threads(), "rows": rows})
+
+
+# ----------------------------------------------------------------------------- Q11: rank reallocated during training
+
+def _adaptive(budget_per_layer=8, start_rank=12):
+    """LoRA at start_rank everywhere; a RankAllocator masks components until budget_per_layer x layers remain."""
+    from baselines import RankAllocator
+    from lora_linear import lora_layers
+
+    def on_run(run):
+        allocator = RankAllocator(run.model, budget=budget_per_layer * len(lora_layers(run.model)),
+                                  start_step=int(0.1 * run.total_steps), end_step=int(0.7 * run.total_steps))
+
+        def before_step(optimizer, args, kwargs):  # gradients are clipped and present here
+            allocator.observe()
+            allocator.drop_masked_gradients()
+
+        def after_step(optimizer, args, kwargs):  # the loop counts the step right after this
+            if run.state["step"] + 1 >= allocator.start_step:
+                allocator.reallocate(run.state["step"] + 1)  # also keeps masked parts at zero under AdamW
+        run.optimizer.register_step_pre_hook(before_step)
+        run.optimizer.register_step_post_hook(after_step)
+        return lambda: {"final_ranks": allocator.ranks()}
+    return _lora(rank=start_rank), on_run
+
+
+def q11_adaptive_rank(args):
+    """Uniform r=8 against AdaLoRA-style allocation during training (r=12 everywhere, masked down to a total of
+    8 x 12 components by smoothed sensitivity), same seeds, data and loop."""
+    from baselines import layer_ranks_by_kind
+    rows = []
+    prepare, on_run = _adaptive()
+    for label, (prep, hook) in (("uniform r=8", (_lora(rank=8), None)),
+                                ("r=12, masked to 8 x 12 during training", (prepare, on_run))):
+        runs = [plain_train(prep, seed, LORA_LR, on_run=hook) for seed in args.seeds]
+        row = {"setup": label, "trainable_at_start": runs[0]["trainable"],
+               **accuracy_summary([r["best_accuracy"] for r in runs]), "runs": runs}
+        if "final_ranks" in runs[0]:
+            row["final_ranks_by_kind_seed0"] = layer_ranks_by_kind(runs[0]["final_ranks"])
+            row["active_components"] = [sum(r["final_ranks"].values()) for r in runs]
+        rows.append(row)
+        print({k: v for k, v in row.items() if k != "runs"}, flush=True)
+    save("q11_adaptive_rank", {"budget": " ".join(BUDGET), "seeds": args.seeds, "rows": rows})
+
+
+COMMANDS = {f.__name__: f for f in (q1_spectrum, q2_rank, q3_init_B, q4_targets, q5_scaling, q6_merge_precision,
+                                    q7_memory, q8_inference, q10_methods, q10_lr, q11_dynamic_rank,
+                                    q11_adaptive_rank, q12_vit)}
 
 
 def main():

@@ -1,0 +1,161 @@
+"""The methods LoRA is compared with in discussion.md, written out like lora_linear.py so they can be read.
+
+- Houlsby adapters (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP", Section 2.1): a
+  bottleneck (down-projection to m dimensions, nonlinearity, up-projection, skip connection) after the attention
+  output projection and after the feed-forward output of every layer, before the residual and LayerNorm; the up
+  projection starts at zero so training starts from the pretrained model; adapters, LayerNorms and the head train.
+- Magnitude pruning and int8 quantization of a (merged) model: the usual ways to shrink a model after training,
+  against which Q8 sets merging.
+- Importance-driven rank allocation during training (AdaLoRA's idea, Zhang et al. 2023, Section 3.2-3.3): every
+  layer starts at a larger rank; at steps in the schedule each rank component's importance (the sensitivity
+  |w * grad w| of its A row and B column, smoothed) is ranked across all layers and the least important
+  components are masked until the total budget is reached.
+"""
+
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from lora_linear import lora_layers
+
+
+class HoulsbyAdapter(nn.Module):
+    """output = h + up(gelu(down(h))), h = the wrapped layer's output (Houlsby et al. 2019, Figure 2)."""
+
+    def __init__(self, wrapped: nn.Linear, bottleneck: int):
+        super().__init__()
+        self.wrapped = wrapped
+        self.down = nn.Linear(wrapped.out_features, bottleneck)
+        self.up = nn.Linear(bottleneck, wrapped.out_features)
+        nn.init.normal_(self.down.weight, std=1e-2)  # near-identity start (the paper's Section 3.6)
+        nn.init.zeros_(self.down.bias)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.wrapped(x)
+        return h + self.up(F.gelu(self.down(h)))
+
+
+def add_houlsby_adapters(model: nn.Module, bottleneck: int = 8) -> nn.Module:
+    """Two adapters per BERT layer (after attention.output.dense and output.dense); train the adapters, every
+    LayerNorm and the classification head, freeze the rest."""
+    for param in model.parameters():
+        param.requires_grad = False
+    targets = [name for name, module in model.named_modules()
+               if isinstance(module, nn.Linear) and name.endswith(("attention.output.dense", ".output.dense"))
+               and ".layer." in name]
+    for name in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, HoulsbyAdapter(getattr(parent, child), bottleneck))
+    for name, module in model.named_modules():
+        if isinstance(module, (HoulsbyAdapter, nn.LayerNorm)) or name == "classifier":
+            for param_name, param in module.named_parameters():
+                if not param_name.startswith("wrapped."):
+                    param.requires_grad = True
+    return model
+
+
+def magnitude_prune(model: nn.Module, fraction: float) -> nn.Module:
+    """Zero the `fraction` smallest-magnitude weights of every Linear layer (per layer, unstructured), in place."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear):
+            weight = module.weight.data
+            k = int(fraction * weight.numel())
+            if k:
+                threshold = weight.abs().flatten().kthvalue(k).values
+                weight[weight.abs() <= threshold] = 0
+    return model
+
+
+def int8_dynamic(model: nn.Module) -> nn.Module:
+    """Linear weights stored as int8 and activations quantized on the fly (torch's dynamic quantization)."""
+    return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def state_bytes(model: nn.Module) -> int:
+    """Bytes of the tensors in the state dict (int8 packed weights included)."""
+    total = 0
+    for value in model.state_dict().values():
+        if torch.is_tensor(value):
+            total += value.numel() * value.element_size()
+        elif isinstance(value, tuple):  # packed quantized params: (weight, bias)
+            total += sum(v.numel() * v.element_size() for v in value if torch.is_tensor(v))
+    for module in model.modules():  # dynamic-quantized Linear keeps its packed weight outside the tensors above
+        packed = getattr(module, "_packed_params", None)
+        if packed is not None:
+            weight, bias = packed._weight_bias()
+            total += weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None
+                                                               else 0)
+    return total
+
+
+class RankAllocator:
+    """AdaLoRA-style budget: mask LoRA rank components of low importance across layers during training.
+
+    Every adapted layer starts at rank r_start; between start_step and end_step the number of active components
+    falls linearly (cubically in AdaLoRA; linear here, for readability) from the total start rank to `budget`.
+    A component i of a layer is A[i, :] and B[:, i]; its importance is the smoothed sensitivity |p * dL/dp|
+    summed over both (AdaLoRA's Eq. 8-10 without the uncertainty term). Masked components are zeroed and their
+    gradients dropped, so they stay off.
+    """
+
+    def __init__(self, model: nn.Module, budget: int, start_step: int, end_step: int, beta: float = 0.85):
+        self.layers = dict(lora_layers(model))
+        self.budget, self.start_step, self.end_step, self.beta = budget, start_step, end_step, beta
+        self.importance = {name: torch.zeros(layer.lora.rank) for name, layer in self.layers.items()}
+        self.mask = {name: torch.ones(layer.lora.rank, dtype=torch.bool) for name, layer in self.layers.items()}
+        self.total_start = sum(layer.lora.rank for layer in self.layers.values())
+
+    def observe(self) -> None:
+        """Before the optimizer step: update each component's smoothed sensitivity from the current gradients."""
+        for name, layer in self.layers.items():
+            a, b = layer.lora.lora_A, layer.lora.lora_B
+            if a.grad is None or b.grad is None:
+                continue
+            score = (a * a.grad).abs().sum(1) + (b * b.grad).abs().sum(0)
+            self.importance[name] = self.beta * self.importance[name] + (1 - self.beta) * score.detach().cpu()
+
+    def target(self, step: int) -> int:
+        if step < self.start_step:
+            return self.total_start
+        progress = min(1.0, (step - self.start_step) / max(1, self.end_step - self.start_step))
+        return round(self.total_start - progress * (self.total_start - self.budget))
+
+    def reallocate(self, step: int) -> None:
+        """Keep the `target(step)` most important components across all layers; zero the others."""
+        keep = self.target(step)
+        scores = sorted(((float(s), name, i) for name, values in self.importance.items()
+                         for i, s in enumerate(values) if self.mask[name][i]), reverse=True)
+        for _, name, i in scores[keep:]:
+            self.mask[name][i] = False
+        with torch.no_grad():
+            for name, layer in self.layers.items():
+                off = ~self.mask[name]
+                layer.lora.lora_A[off] = 0
+                layer.lora.lora_B[:, off] = 0
+
+    def drop_masked_gradients(self) -> None:
+        for name, layer in self.layers.items():
+            off = ~self.mask[name]
+            if layer.lora.lora_A.grad is not None:
+                layer.lora.lora_A.grad[off] = 0
+                layer.lora.lora_B.grad[:, off] = 0
+
+    def ranks(self) -> Dict[str, int]:
+        return {name: int(mask.sum()) for name, mask in self.mask.items()}
+
+
+def active_rank_total(ranks: Dict[str, int]) -> int:
+    return sum(ranks.values())
+
+
+def layer_ranks_by_kind(ranks: Dict[str, int]) -> Dict[str, List[int]]:
+    """{'query': [ranks by layer], 'value': [...]} for a readable table."""
+    kinds: Dict[str, List[int]] = {}
+    for name, rank in ranks.items():
+        kinds.setdefault(name.rsplit(".", 1)[-1], []).append(rank)
+    return kinds
