@@ -30,7 +30,7 @@ from lora_linear import merge_lora_weights  # noqa: E402
 from precision import autocast_context, cpu_has_native_bf16, pick_device  # noqa: E402
 from report import library_versions, machine_description  # noqa: E402
 from precision import resolve_precision  # noqa: E402
-from report import peak_memory_mb  # noqa: E402
+from report import peak_memory_mb, write_json_atomic  # noqa: E402
 
 HF_REFERENCE = os.path.join("benchmarks", "hf_trainer_reference.py")
 ROWS = []  # (section, contender, value, unit, ratio text)
