@@ -9,7 +9,8 @@ Speed and memory of this repo's LoRA against what users would pick instead. One 
 
 Contenders run side by side in one process, alternating, after warm-up; each number is a median.
 Memory is measured in separate processes (peak RSS on CPU, max allocated on CUDA).
-Results are printed as a markdown table and written to benchmarks/results.json.
+Results are printed as a markdown table and written to benchmarks/results.json (harness.write_results: with the
+command, commit, machine and versions). Timing, memory and the results file: benchmarks/harness.py.
 """
 
 import argparse
@@ -25,12 +26,13 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from harness import command_line, machine, measure_in_child, peak_memory_during, timed_rounds  # noqa: E402
+from harness import write_results  # noqa: E402
 from lora_linear import apply_lora_to_model, lora_layers, mark_only_lora_as_trainable, merge_and_unload  # noqa: E402
 from lora_linear import merge_lora_weights  # noqa: E402
 from precision import autocast_context, cpu_has_native_bf16, pick_device  # noqa: E402
-from report import library_versions, machine_description  # noqa: E402
+from report import library_versions  # noqa: E402
 from precision import resolve_precision  # noqa: E402
-from report import peak_memory_mb, write_json_atomic  # noqa: E402
 
 HF_REFERENCE = os.path.join("benchmarks", "hf_trainer_reference.py")
 ROWS = []  # (section, contender, value, unit, ratio text)
@@ -49,22 +51,6 @@ def bert_base(quick, device):
     return BertForSequenceClassification(config).to(device)
 
 
-def timed_rounds(contenders, rounds, warmup, device):
-    """Median seconds per call for each contender, alternating contenders every round."""
-    times = {name: [] for name in contenders}
-    for r in range(warmup + rounds):
-        for name, fn in contenders.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            if r >= warmup:
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
 def make_step(model, batch, precision, device):
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4) if params else None
@@ -77,37 +63,6 @@ def make_step(model, batch, precision, device):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
     return step
-
-
-def peak_memory_during(run, device):
-    """Peak memory (MB) while `run()` executes: max allocated on CUDA, sampled RSS on CPU. Call it in a fresh
-    process: RSS also counts the interpreter and the model."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-        run()
-        return peak_memory_mb(device)
-    # Building the model leaves freed temporaries in the allocator's pools, which would hide the training
-    # peak in ru_maxrss: return them to the OS, then sample RSS while the steps run.
-    import ctypes
-    import gc
-    import threading
-    import psutil
-    gc.collect()
-    ctypes.CDLL("libc.so.6").malloc_trim(0)
-    process, peak, done = psutil.Process(), [0], threading.Event()
-
-    def sample():
-        while not done.is_set():
-            peak[0] = max(peak[0], process.memory_info().rss)
-            time.sleep(0.002)
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
-        run()  # two steps or more: the second already holds the optimizer state
-    finally:
-        done.set()
-        sampler.join()
-    return peak[0] / 2**20
 
 
 def section_step(args, device):
@@ -204,25 +159,19 @@ def section_inference(args, device):
     return medians
 
 
-MEMORY_CHILD = r"""
-import sys, json, torch
-sys.path.insert(0, {root!r})
-from benchmarks.bench import bert_base, make_step, peak_memory_during
-from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
-from precision import pick_device
-device = pick_device({device!r})
-mode, quick = {mode!r}, {quick!r}
-model = bert_base(quick, device).train()
-if mode != "full":
-    mark_only_lora_as_trainable(apply_lora_to_model(model, ["query", "value"], rank=8, alpha=16))
-if mode == "lora+checkpointing":
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={{"use_reentrant": False}})
-B, S = {shape}
-batch = {{"input_ids": torch.randint(0, model.config.vocab_size, (B, S), device=device),
-          "labels": torch.randint(0, 2, (B,), device=device)}}
-step = make_step(model, batch, "fp32", device)
-print(json.dumps({{"peak_mb": peak_memory_during(lambda: [step() for _ in range(2)], device)}}))
-"""
+def memory_child(mode: str, quick: bool, shape: list, device: str) -> dict:
+    """One setup's peak training memory, run by harness.measure_in_child in a process of its own."""
+    device = pick_device(device)
+    model = bert_base(quick, device).train()
+    if mode != "full":
+        mark_only_lora_as_trainable(apply_lora_to_model(model, ["query", "value"], rank=8, alpha=16))
+    if mode == "lora+checkpointing":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    B, S = shape
+    batch = {"input_ids": torch.randint(0, model.config.vocab_size, (B, S), device=device),
+             "labels": torch.randint(0, 2, (B,), device=device)}
+    step = make_step(model, batch, "fp32", device)
+    return {"peak_mb": peak_memory_during(lambda: [step() for _ in range(2)], device)}
 
 
 def section_memory(args, device):
@@ -231,9 +180,8 @@ def section_memory(args, device):
     shapes = [(8, 128), (32, 128)] if not args.quick else [(2, 16)]
     for shape in shapes:
         for mode in ("full", "lora", "lora+checkpointing"):
-            code = MEMORY_CHILD.format(root=ROOT, device=str(device), mode=mode, quick=args.quick, shape=shape)
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-            results[(mode, shape)] = json.loads(out.stdout.strip().splitlines()[-1])["peak_mb"]
+            results[(mode, shape)] = measure_in_child("benchmarks/bench.py:memory_child", mode=mode, quick=args.quick,
+                                                      shape=list(shape), device=str(device))["peak_mb"]
         for mode in ("full", "lora", "lora+checkpointing"):
             ratio = results[("full", shape)] / results[(mode, shape)]
             record("memory", f"{mode}, batch {shape[0]} x {shape[1]}", results[(mode, shape)], "MB",
@@ -264,17 +212,19 @@ def section_padding(args, device):
     }
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
-    rates = {name: [] for name in loaders}
-    for r in range(3 if not args.quick else 1):
-        for name, loader in loaders.items():
-            start = time.perf_counter()
+
+    def epoch(loader):
+        def run():
             for batch in loader:
                 batch = {k: v.to(device) for k, v in batch.items()}
                 model(**batch).loss.backward()
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-            rates[name].append(len(examples) / (time.perf_counter() - start))
-    medians = {name: statistics.median(v) for name, v in rates.items()}
+        return run
+    # an odd number of rounds: the median epoch time is one epoch's, and the median rate is its rate
+    seconds = timed_rounds({name: epoch(loader) for name, loader in loaders.items()}, 3 if not args.quick else 1, 0,
+                           device)
+    medians = {name: len(examples) / t for name, t in seconds.items()}
     seed = medians["pad every batch to 128 (the seed)"]
     for name, rate in medians.items():
         record("padding", name, rate, "samples/s", f"{rate / seed:.2f}x the seed")
@@ -560,24 +510,17 @@ def main(argv=None):
     if args.quick:
         args.rounds = 2
     device = pick_device(args.device)
-    header = (f"machine: {machine_description(device)}; native CPU bf16: {cpu_has_native_bf16()}; "
-              f"auto precision: {resolve_precision('auto', device)}; versions: {library_versions()}")
+    where = machine(device)
+    header = (f"machine: {where['description']}; native CPU bf16: {where['native_cpu_bf16']}; "
+              f"auto precision: {where['auto_precision']}; versions: {library_versions()}")
     print(header)
     for name in args.only:
         SECTIONS[name](args, device)
     table = ["| section | contender | value | unit | ratio |", "|---|---|---|---|---|"]
     table += [f"| {s} | {n} | {v:.4g} | {u} | {r} |" for s, n, v, u, r in ROWS]
     print("\n" + header + "\n" + "\n".join(table))
-    import datetime
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
-    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
-                           text=True)
-    write_json_atomic(args.output, {
-        "command": "python benchmarks/bench.py " + " ".join(argv or sys.argv[1:]), "machine": header,
-        "native_cpu_bf16": cpu_has_native_bf16(), "device": str(device), "versions": library_versions(),
-        "git_commit": commit.stdout.strip() + (" (with uncommitted changes)" if dirty.stdout.strip() else ""),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"), "seeds": args.seeds,
-        "rows": [dict(zip(("section", "contender", "value", "unit", "ratio"), r)) for r in ROWS]})
+    rows = [dict(zip(("section", "contender", "value", "unit", "ratio"), r)) for r in ROWS]
+    write_results(args.output, {"rows": rows}, command_line("benchmarks/bench.py", argv), seeds=args.seeds, device=device)
     return 0
 
 

@@ -8,7 +8,8 @@ Benchmark-only dependencies: peft and accelerate.
 
     python benchmarks/hf_trainer_reference.py --epochs 1 --output_dir /tmp/trainer_ref
     python benchmarks/hf_trainer_reference.py --task causal_lm --max_steps 6 --precision bf16 --output_dir /tmp/ref
-Writes training_metrics.json with train_time_s, the best metric and peak RSS, like the main script.
+Writes training_metrics.json with train_time_s, the best metric and peak RSS, like the main script (through
+harness.write_results: with the command, commit, machine and versions).
 """
 
 import argparse
@@ -21,6 +22,8 @@ import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from harness import write_results  # noqa: E402
 
 
 def main():
@@ -68,7 +71,7 @@ def main():
         output_dir=args.output_dir, num_train_epochs=args.epochs, per_device_train_batch_size=16,
         per_device_eval_batch_size=64, learning_rate=args.lr, warmup_steps=int(0.1 * steps), weight_decay=0.01,
         max_grad_norm=1.0, lr_scheduler_type="linear", eval_strategy="epoch", save_strategy="no",
-        logging_steps=20, seed=args.seed, report_to=[], use_cpu=args.device == "cpu" or not torch.cuda.is_available(),
+        logging_steps=20, seed=args.seed, report_to=[], use_cpu=use_cpu(args),
         bf16=args.precision == "bf16", fp16=args.precision == "fp16",
         dataloader_num_workers=0, disable_tqdm=True)
     trainer = Trainer(model=model, args=training_args, train_dataset=Dataset.from_list(train),
@@ -81,10 +84,7 @@ def main():
     eval_time = sum(h.get("eval_runtime", 0.0) for h in trainer.state.log_history)
     metrics = {"train_time_s": round(train_time - eval_time, 2), "wall_time_s": round(train_time, 2),
                "best": {"metric_name": "accuracy", "value": max(evals)}, "eval_accuracy_per_epoch": evals}
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "training_metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    print(json.dumps(metrics))
+    save_metrics(args, metrics)
 
 
 def causal_lm(args):
@@ -115,7 +115,7 @@ def causal_lm(args):
         per_device_train_batch_size=8, per_device_eval_batch_size=8, learning_rate=args.lr,
         warmup_steps=int(0.1 * steps), weight_decay=0.01, max_grad_norm=1.0, lr_scheduler_type="linear",
         eval_strategy="no", save_strategy="no", logging_steps=10, seed=args.seed, report_to=[],
-        use_cpu=args.device == "cpu" or not torch.cuda.is_available(), bf16=args.precision == "bf16",
+        use_cpu=use_cpu(args), bf16=args.precision == "bf16",
         fp16=args.precision == "fp16", dataloader_num_workers=0, disable_tqdm=True)
     trainer = Trainer(model=model, args=training_args, train_dataset=Dataset.from_list(train),
                       eval_dataset=Dataset.from_list(evaluation), data_collator=default_data_collator)
@@ -127,9 +127,20 @@ def causal_lm(args):
     metrics = {"train_time_s": round(train_time, 2), "steps": trainer.state.global_step,
                "best": {"metric_name": "perplexity", "value": math.exp(eval_loss)}, "eval_loss": eval_loss,
                "peak_memory_mb": round(peak_mb, 1), "peak_memory_kind": "process peak RSS"}
-    os.makedirs(args.output_dir, exist_ok=True)
-    with open(os.path.join(args.output_dir, "training_metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
+    save_metrics(args, metrics)
+
+
+def use_cpu(args):
+    """Trainer's device: the GPU where there is one, unless --device cpu."""
+    import torch
+    return args.device == "cpu" or not torch.cuda.is_available()
+
+
+def save_metrics(args, metrics):
+    """training_metrics.json in --output_dir, with the harness's header; printed as one JSON line."""
+    import torch
+    device = torch.device("cpu" if use_cpu(args) else "cuda")
+    write_results(os.path.join(args.output_dir, "training_metrics.json"), metrics, seeds=[args.seed], device=device)
     print(json.dumps(metrics))
 
 

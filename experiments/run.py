@@ -33,6 +33,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+from harness import measure_in_child, peak_memory_during, timed_rounds, write_results  # noqa: E402
+from report import save_figure_atomic  # noqa: E402
+
 RESULTS = os.path.join(ROOT, "experiments", "results")
 # 150 steps of batch 16. lr 1e-3, not the main config's 5e-4: at 5e-4 one seed in three had not started to learn
 # after 150 steps (accuracy 0.5475, eval loss 0.67), which made every comparison a race to take off.
@@ -42,10 +47,12 @@ BUDGET = ["--model", "minilm", "--max_train_samples", "1200", "--epochs", "2", "
 
 
 def save(name, data):
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, name + ".json"), "w") as f:
-        json.dump(data, f, indent=2)
-    print(json.dumps(data, indent=2)[:3000])
+    """experiments/results/<name>.json through the benchmarks' harness: the header (command, commit, machine,
+    versions, date, seeds: a "seeds" entry of `data` goes there), then the figures."""
+    figures = dict(data)
+    seeds = figures.pop("seeds", None)
+    write_results(os.path.join(RESULTS, name + ".json"), figures, seeds=seeds)
+    print(json.dumps(figures, indent=2)[:3000])
 
 
 def train(extra, seed):
@@ -79,8 +86,7 @@ def _figure():
 
 
 def _save_figure(fig, name):
-    fig.tight_layout()
-    fig.savefig(os.path.join(RESULTS, name), dpi=110)
+    save_figure_atomic(fig, os.path.join(RESULTS, name))
 
 
 def load_minilm_with_adapter(adapter_dir):
@@ -320,17 +326,14 @@ METHODS = {
 
 
 def _latency_ms(models, batch, rounds=15):
-    """Median forward latency of each model on one batch, contenders alternating."""
-    import statistics
-    times = {name: [] for name in models}
-    with torch.no_grad():
-        for round_ in range(rounds + 2):
-            for name, model in models.items():
-                start = time.perf_counter()
+    """Median forward latency (ms) of each model on one batch, contenders alternating after two warm-up rounds."""
+    def forward(model):
+        def call():
+            with torch.no_grad():
                 model(**batch)
-                if round_ >= 2:  # two warm-up rounds
-                    times[name].append((time.perf_counter() - start) * 1000)
-    return {name: round(statistics.median(t), 1) for name, t in times.items()}
+        return call
+    medians = timed_rounds({name: forward(model) for name, model in models.items()}, rounds, 2)
+    return {name: round(t * 1000, 1) for name, t in medians.items()}
 
 
 def _spectrum(delta):
@@ -447,21 +450,17 @@ Q7_MODES = ("full fine-tuning", "LoRA", "LoRA, 4 x 8 accumulation", "LoRA + grad
 
 def q7_memory(args):
     """Peak memory and time per optimizer step on MiniLM, effective batch 32 x 128; one process per setup."""
-    import subprocess
     rows = []
     for mode in Q7_MODES:
-        out = subprocess.run([sys.executable, os.path.abspath(__file__), "q7_memory", "--child", mode],
-                             capture_output=True, text=True, check=True)
-        rows.append({"setup": mode, **json.loads(out.stdout.strip().splitlines()[-1])})
+        rows.append({"setup": mode, **measure_in_child("experiments/run.py:q7_child", mode=mode)})
         print(rows[-1], flush=True)
     save("q7_memory", {"model": "all-MiniLM-L6-v2 (bundled), LoRA r=8 q,v", "effective_batch": "32 x 128 tokens",
                        "memory": "CPU peak RSS sampled during 3 optimizer steps (model and interpreter included)",
                        "time": "mean of steps 2 and 3 (step 1 warms up)", "rows": rows})
 
 
-def _q7_child(mode):
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    from bench import peak_memory_during
+def q7_child(mode: str) -> dict:
+    """One setup of q7_memory, run by harness.measure_in_child in a process of its own."""
     from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
     from precision import autocast_context, trainable_to_fp32
     from sources import load_base_model
@@ -491,8 +490,8 @@ def _q7_child(mode):
             optimizer.zero_grad(set_to_none=True)
             seconds.append(time.perf_counter() - start)
     peak = peak_memory_during(steps, device)
-    print(json.dumps({"peak_mb": round(peak), "seconds_per_step": round(sum(seconds[1:]) / 2, 2),
-                      "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}))
+    return {"peak_mb": round(peak), "seconds_per_step": round(sum(seconds[1:]) / 2, 2),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
 
 
 # ----------------------------------------------------------------------------- Q8: merging against compression
@@ -588,10 +587,7 @@ def main():
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
     parser.add_argument("--methods", nargs="+", default=["bitfit"], help="q10_lr: lora bitfit full ia3 prefix")
     parser.add_argument("--lr", type=float, default=1e-2, help="q10_lr: the learning rate to try")
-    parser.add_argument("--child", choices=Q7_MODES, help=argparse.SUPPRESS)  # q7_memory's one-setup process
     args = parser.parse_args()
-    if args.child:
-        return _q7_child(args.child)
     os.makedirs(RESULTS, exist_ok=True)
     start = time.time()
     COMMANDS[args.command](args)

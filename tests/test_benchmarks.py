@@ -1,12 +1,79 @@
-"""The benchmark runs end to end on a tiny model (its numbers are checked by reading RESULTS.md, not here)."""
+"""The benchmark runs end to end on a tiny model (its numbers are checked by reading RESULTS.md, not here), and the
+harness it shares with experiments/ measures and records what it says."""
+import datetime
 import json
 import os
+import subprocess
 import sys
+import time
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+def allocate(megabytes: int) -> dict:
+    """A child for harness.measure_in_child: holds `megabytes` more while its peak memory is measured."""
+    from harness import peak_memory_during
+
+    def run():
+        block = b"\x01" * (megabytes * 2**20)  # written, so every page is resident
+        time.sleep(0.2)  # the sampler reads RSS every 2 ms
+        del block
+    return {"peak_mb": peak_memory_during(run)}
+
+
+def test_a_child_that_allocates_200_mb_more_has_a_peak_200_mb_higher():
+    from harness import measure_in_child
+    target = os.path.relpath(os.path.abspath(__file__), ROOT) + ":allocate"
+    idle = measure_in_child(target, megabytes=0)["peak_mb"]
+    busy = measure_in_child(target, megabytes=200)["peak_mb"]
+    assert 180 < busy - idle < 240, (idle, busy)
+
+
+def test_a_failing_child_says_why():
+    from harness import measure_in_child
+    target = os.path.relpath(os.path.abspath(__file__), ROOT) + ":allocate"
+    with pytest.raises(RuntimeError, match="unexpected keyword argument 'gigabytes'"):
+        measure_in_child(target, gigabytes=1)
+
+
+def test_timed_rounds_alternates_the_contenders_and_leaves_out_the_warmup():
+    from harness import timed_rounds
+    calls = []
+
+    def contender(name, first_call_sleep):
+        def call():
+            if name not in calls:
+                time.sleep(first_call_sleep)  # only the first call, a warm-up one, is slow
+            calls.append(name)
+        return call
+    medians = timed_rounds({"a": contender("a", 0.3), "b": contender("b", 0.0)}, rounds=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert set(medians) == {"a", "b"} and medians["a"] < 0.1
+
+
+def test_write_results_writes_the_header_then_the_figures(tmp_path):
+    from harness import write_results
+    path = tmp_path / "new folder" / "results.json"
+    write_results(str(path), {"rows": [{"value": 1.5}]}, command="python benchmarks/bench.py --quick", seeds=[42, 43])
+    saved = json.loads(path.read_text())
+    assert list(saved) == ["command", "git", "machine", "versions", "date_utc", "seeds", "rows"]
+    assert saved["command"] == "python benchmarks/bench.py --quick" and saved["seeds"] == [42, 43]
+    assert saved["rows"] == [{"value": 1.5}]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    if head.returncode == 0:
+        assert saved["git"]["commit"] == head.stdout.strip() and isinstance(saved["git"]["dirty"], bool)
+    assert saved["machine"]["description"] and saved["machine"]["device"] == "cpu"
+    assert isinstance(saved["machine"]["native_cpu_bf16"], bool) and saved["machine"]["auto_precision"]
+    assert saved["versions"]["torch"] and saved["versions"]["python"]
+    written = datetime.datetime.fromisoformat(saved["date_utc"])
+    assert written.utcoffset() == datetime.timedelta(0)
+    assert abs(datetime.datetime.now(datetime.timezone.utc) - written) < datetime.timedelta(minutes=5)
+    assert os.listdir(path.parent) == ["results.json"]  # written atomically: no temporary file left
+    with pytest.raises(ValueError, match="seeds"):
+        write_results(str(path), {"seeds": [42]})  # the figures cannot overwrite the header
 
 
 @pytest.mark.slow

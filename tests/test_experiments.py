@@ -16,3 +16,13 @@ def test_allocate_ranks_gives_the_budget_to_the_largest_singular_values():
     assert ranks == {"a": 2, "b": 2, "c": 2}
     # ties and small values: 9, 8, 7, 6, 0.5, 0.4, 0.3, 0.2 (b), 0.2 (c) beat a's 0.1
     assert allocate_ranks(values, budget=9) == {"a": 3, "b": 2, "c": 4}
+
+
+def test_save_writes_through_the_harness_with_the_seeds_in_the_header(tmp_path, monkeypatch):
+    import json
+    import run
+    monkeypatch.setattr(run, "RESULTS", str(tmp_path))
+    run.save("q0", {"budget": "tiny", "seeds": [42, 43], "rows": [{"accuracy_mean": 0.5}]})
+    saved = json.loads((tmp_path / "q0.json").read_text())
+    assert saved["seeds"] == [42, 43] and saved["budget"] == "tiny" and saved["rows"] == [{"accuracy_mean": 0.5}]
+    assert saved["command"].startswith("python ") and {"git", "machine", "versions", "date_utc"} <= set(saved)
