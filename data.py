@@ -12,6 +12,7 @@ max_length tokens, so no position is padding and the loss is a real language-mod
 
 import math
 import random
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -21,7 +22,7 @@ from sources import load_splits
 
 # ----------------------------------------------------------------------------- tokenizing
 
-def check_max_length(model, max_length):
+def check_max_length(model: torch.nn.Module, max_length: int) -> None:
     """Refuse a max_length beyond the positions a model with learned position embeddings has: a longer text
     would otherwise crash mid-run ("size of tensor a (702) must match ... (512)"). Rotary models have no
     such table and are not limited here."""
@@ -39,8 +40,10 @@ def check_max_length(model, max_length):
                           f"a longer text would crash mid-run. Set max_length <= {limit}")
 
 
-def tokenize_classification(rows, tokenizer, columns, max_length, label_map=None):
-    """One dict per example: input_ids, attention_mask (token_type_ids), labels. No padding here."""
+def tokenize_classification(rows: List[dict], tokenizer: Any, columns: Tuple[str, Optional[str], str], max_length: int,
+                            label_map: Optional[dict] = None) -> Tuple[List[dict], dict]:
+    """(examples, label_map): one dict per example, input_ids, attention_mask (token_type_ids), labels. No padding
+    here. label_map (label -> 0..n-1) is built from these rows unless given (evaluation reuses training's)."""
     text, pair, label = columns
     encoded = tokenizer([str(r[text]) for r in rows], [str(r[pair]) for r in rows] if pair else None,
                         truncation=True, max_length=max_length)
@@ -58,7 +61,8 @@ def tokenize_classification(rows, tokenizer, columns, max_length, label_map=None
     return examples, label_map
 
 
-def tokenize_causal_lm(rows, tokenizer, text_column, block_size):
+def tokenize_causal_lm(rows: List[dict], tokenizer: Any, text_column: str,
+                       block_size: int) -> List[Dict[str, List[int]]]:
     """Join documents (skipping empty lines) with the EOS token and cut into full blocks."""
     eos = tokenizer.eos_token_id
     ids = []
@@ -81,12 +85,13 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
     then the batches are shuffled: batches stay random while padding within each batch stays small.
     """
 
-    def __init__(self, lengths, batch_size, shuffle=True, group_by_length=True, seed=0, rank=0, world_size=1):
+    def __init__(self, lengths: Sequence[int], batch_size: int, shuffle: bool = True, group_by_length: bool = True,
+                 seed: int = 0, rank: int = 0, world_size: int = 1) -> None:
         self.lengths, self.batch_size, self.shuffle = lengths, batch_size, shuffle
         self.group_by_length, self.seed, self.rank, self.world_size = group_by_length, seed, rank, world_size
         self.epoch, self.skip = 0, 0
 
-    def set_epoch(self, epoch, skip_batches=0):
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """Choose the epoch's order; skip_batches resumes in the middle of an epoch."""
         self.epoch, self.skip = epoch, skip_batches
 
@@ -109,14 +114,17 @@ class LengthGroupedBatchSampler(torch.utils.data.Sampler):
             batches = batches[self.rank::self.world_size]  # evaluation: each example exactly once
         return batches
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[List[int]]:
         yield from self._batches()[self.skip:]
 
-    def __len__(self):
+    def __len__(self) -> int:
         return len(self._batches()) - self.skip
 
 
-def make_loader(examples, collate, batch_size, shuffle, group_by_length, seed, rank=0, world_size=1, num_workers=0):
+def make_loader(examples: List[dict], collate: Callable[[List[dict]], Dict[str, torch.Tensor]], batch_size: int,
+                shuffle: bool, group_by_length: bool, seed: int, rank: int = 0, world_size: int = 1,
+                num_workers: int = 0) -> torch.utils.data.DataLoader:
+    """A DataLoader over LengthGroupedBatchSampler's batches (this rank's share), with its own seeded generator."""
     key = "input_ids"
     sampler = LengthGroupedBatchSampler([len(e[key]) for e in examples], batch_size, shuffle,
                                         group_by_length, seed, rank, world_size)
@@ -126,14 +134,15 @@ def make_loader(examples, collate, batch_size, shuffle, group_by_length, seed, r
                                        generator=torch.Generator().manual_seed(seed))
 
 
-def collate_causal_lm(batch):
+def collate_causal_lm(batch: List[dict]) -> Dict[str, torch.Tensor]:
     """Blocks are full, so labels are the input ids; the model shifts them by one position."""
     input_ids = torch.tensor([b["input_ids"] for b in batch])
     return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": input_ids.clone()}
 
 
-def build_datasets(config, tokenizer, splits=None):
-    """(train_examples, eval_examples, collate, provenance, label_map); splits: load_splits(config) if given."""
+def build_datasets(config: dict, tokenizer: Any, splits: Optional[tuple] = None) -> tuple:
+    """(train_examples, eval_examples, collate, provenance, label_map); splits: what load_splits(config) returns,
+    read here if not given."""
     train_rows, eval_rows, provenance, columns = splits or load_splits(config)
     max_length = config["training"]["max_length"]
     if config["task"] == "classification":

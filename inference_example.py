@@ -17,7 +17,8 @@ import argparse
 import json
 import os
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -38,7 +39,7 @@ DEMO_SENTENCES = [  # clearly positive, clearly negative, and mixed
 DEMO_PROMPTS = ["The history of the city", "In the morning, the committee", "Scientists have found that"]
 
 
-def read_label_names(adapter_dir, num_labels):
+def read_label_names(adapter_dir: str, num_labels: int) -> List[str]:
     """Label names from the run's training_metrics.json, else negative/positive for two classes."""
     for folder in (adapter_dir, os.path.dirname(os.path.abspath(adapter_dir))):
         path = os.path.join(folder, "training_metrics.json")
@@ -56,7 +57,7 @@ HEAD_KEYS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
 TASKS = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}  # what load_base_model can build
 
 
-def num_labels_of(adapter_dir):
+def num_labels_of(adapter_dir: str) -> int:
     """The classification head's output size, read from the adapter's safetensors header (or its older .bin)."""
     path = os.path.join(adapter_dir, ADAPTER_WEIGHTS_NAME)
     try:
@@ -78,7 +79,7 @@ def num_labels_of(adapter_dir):
     return 2
 
 
-def task_of(config, adapter_dir):
+def task_of(config: dict, adapter_dir: str) -> str:
     """classification or causal_lm from the adapter's task_type (PEFT's names)."""
     task_type = config.get("task_type")
     if task_type is None:
@@ -89,7 +90,7 @@ def task_of(config, adapter_dir):
     return TASKS[task_type]
 
 
-def load_base(base, task, num_labels):
+def load_base(base: str, task: str, num_labels: int) -> Tuple[torch.nn.Module, Any, dict]:
     """load_base_model for the base an adapter names; a name that is not a loadable model is an AdapterError."""
     try:
         return load_base_model(base, task, num_labels)
@@ -101,7 +102,8 @@ def load_base(base, task, num_labels):
                            f"{task} model ({type(e).__name__}: {first})") from None
 
 
-def load_for_inference(adapter_dir, device, merge=False):
+def load_for_inference(adapter_dir: str, device: torch.device,
+                       merge: bool = False) -> Tuple[torch.nn.Module, Any, str, dict]:
     """(model, tokenizer, task, adapter_config): the shared base-model resolution, then load_adapter."""
     if not os.path.isdir(adapter_dir):
         raise AdapterError(f"adapter folder '{adapter_dir}' does not exist; train one first "
@@ -125,24 +127,26 @@ def load_for_inference(adapter_dir, device, merge=False):
 class Predictor:
     """One loaded adapter (and its base model) with the task's way of answering."""
 
-    def __init__(self, adapter_dir, device, args):
+    def __init__(self, adapter_dir: str, device: torch.device, args: argparse.Namespace) -> None:
         self.model, self.tokenizer, self.task, self.config = load_for_inference(adapter_dir, device, args.merge)
         self.device, self.args = device, args
         self.labels = read_label_names(adapter_dir, self.model.config.num_labels) if self.task == "classification" \
             else None
 
-    def base_only(self):
+    def base_only(self) -> AbstractContextManager:
         """A context in which the model runs without the adapter (unmerged models only)."""
         return lora_disabled(self.model)
 
     @torch.no_grad()
-    def classify(self, texts):
+    def classify(self, texts: List[str]) -> List[Tuple[str, float]]:
+        """(label, probability) for each text, in one padded batch."""
         batch = self.tokenizer(texts, padding=True, truncation=True, max_length=512, return_tensors="pt").to(self.device)
         probs = self.model(**batch).logits.float().softmax(-1)
         return [(self.labels[i], p[i].item()) for p, i in zip(probs, probs.argmax(-1).tolist())]
 
     @torch.no_grad()
-    def generate(self, prompt):
+    def generate(self, prompt: str) -> str:
+        """The continuation of `prompt` (sampled with --temperature, --top_p and --seed; greedy at temperature 0)."""
         torch.manual_seed(self.args.seed)
         batch = self.tokenizer(prompt, return_tensors="pt").to(self.device)
         sample = self.args.temperature > 0
@@ -152,7 +156,7 @@ class Predictor:
                                   pad_token_id=self.tokenizer.pad_token_id)
         return self.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
 
-    def answer(self, text):
+    def answer(self, text: str) -> List[str]:
         """Printable lines for one input, with the base model's answer beside it if asked."""
         runs = [("adapter", nullcontext())] + ([("no LoRA", self.base_only())] if self.args.compare_base else [])
         lines = []
@@ -169,7 +173,7 @@ class Predictor:
 class MultiPredictor(Predictor):
     """Several adapters on one base model (multi_lora): 'name: text' picks one; demo mixes them in a batch."""
 
-    def __init__(self, named_dirs, device, args):
+    def __init__(self, named_dirs: Dict[str, str], device: torch.device, args: argparse.Namespace) -> None:
         from multi_lora import MultiAdapterModel
         configs = {name: read_adapter_config(folder) for name, folder in named_dirs.items()}
         bases = {c.get("base_model_name_or_path") for c in configs.values()}
@@ -195,7 +199,8 @@ class MultiPredictor(Predictor):
               file=sys.stderr)
 
     @contextmanager
-    def base_only(self):
+    def base_only(self) -> Iterator[None]:
+        """The base model alone inside this block; the adapter that was active comes back after it."""
         active = self.multi.active_adapter
         self.multi.set_adapter(None)
         try:
@@ -203,7 +208,9 @@ class MultiPredictor(Predictor):
         finally:
             self.multi.set_adapter(active)
 
-    def answer(self, text):
+    def answer(self, text: str) -> List[str]:
+        """Predictor.answer, each line tagged with the adapter that gave it. 'name: text' switches to adapter `name`
+        (for later inputs too); 'base: text' asks the base model alone."""
         name, sep, rest = text.partition(":")
         if sep and name.strip() in self.multi.adapters:
             self.multi.set_adapter(name.strip())
@@ -215,7 +222,7 @@ class MultiPredictor(Predictor):
         return [f"  ({'base' if 'no LoRA' in line else active}) {line.strip().replace('no LoRA', 'base model')}"
                 for line in super().answer(text)]
 
-    def demo(self):
+    def demo(self) -> None:
         """One forward pass over a mixed batch: row i uses adapter i mod n (and the base model last)."""
         names = self.multi.adapters + [None]
         if self.task == "classification":
@@ -239,7 +246,8 @@ class MultiPredictor(Predictor):
                 print(f"({name or 'base'}) {prompt}|{completion}")
 
 
-def run_demo(predictor):
+def run_demo(predictor: Predictor) -> None:
+    """--mode demo: the demo sentences (or prompts), with the base model's answers beside them if --compare_base."""
     if isinstance(predictor, MultiPredictor):
         return predictor.demo()
     if predictor.task == "classification":
@@ -258,7 +266,8 @@ def run_demo(predictor):
             print("\n".join(predictor.answer(prompt)))
 
 
-def run_interactive(predictor):
+def run_interactive(predictor: Predictor) -> None:
+    """--mode interactive: answer each typed line until quit, exit, Ctrl-D or Ctrl-C."""
     kind = "a sentence to classify" if predictor.task == "classification" else "a prompt to continue"
     print(f"Type {kind}; 'quit', 'exit', Ctrl-D or Ctrl-C to leave.")
     while True:
@@ -275,7 +284,8 @@ def run_interactive(predictor):
         print("\n".join(predictor.answer(text)))
 
 
-def main(argv=None):
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse the flags, load the adapter(s), run the mode: exit status 0, or 2 (one line) for a bad flag or adapter."""
     parser = argparse.ArgumentParser(description="Run a trained LoRA adapter.")
     parser.add_argument("--mode", choices=("interactive", "demo", "text"), default="interactive")
     parser.add_argument("--text", default=None, help="input for --mode text")

@@ -29,6 +29,7 @@ import re
 import warnings
 from collections import Counter
 from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -72,8 +73,12 @@ class AdapterError(ValueError):
 
 # ----------------------------------------------------------------------------- the low-rank update
 
-def lora_scaling(rank, alpha, scaling_mode="standard"):
-    """s in h = W0 x + s B A x: alpha / r (the paper), alpha / sqrt(r) (rsLoRA), or 1."""
+def lora_scaling(rank: int, alpha: float, scaling_mode: str = "standard") -> float:
+    """s in h = W0 x + s B A x: alpha / r (the paper), alpha / sqrt(r) (rsLoRA), or 1.
+
+    Section 4.1 scales by alpha / r so that one alpha (and learning rate) serves several ranks; rsLoRA
+    (Kalajdzievski 2023) shows that alpha / r slows learning at large r and divides by sqrt(r) instead.
+    """
     return {"standard": alpha / rank, "rslora": alpha / math.sqrt(rank), "none": 1.0}[scaling_mode]
 
 
@@ -85,8 +90,9 @@ class LoRALayer(nn.Module):
     as A (n*r, in) and B (n*out/parts, r); the disabled slices get exactly zero, so their output is the base's.
     """
 
-    def __init__(self, in_features, out_features, rank=8, alpha=16.0, dropout=0.0,
-                 init_B="zeros", scaling_mode="standard", device=None, dtype=None, parts=None):
+    def __init__(self, in_features: int, out_features: int, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 init_B: str = "zeros", scaling_mode: str = "standard", device: Optional[torch.device] = None,
+                 dtype: Optional[torch.dtype] = None, parts: Optional[Sequence[bool]] = None) -> None:
         super().__init__()
         if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
             raise ValueError(f"rank must be a positive integer, got {rank!r}")
@@ -109,7 +115,11 @@ class LoRALayer(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.reset_parameters()
 
-    def reset_parameters(self):
+    def reset_parameters(self) -> None:
+        """A random, B zero (Section 4.1), so B A = 0 and training starts exactly from the pretrained model.
+
+        The paper draws A from a Gaussian; A is Kaiming-uniform here, as in loralib and PEFT. init_B="kaiming"
+        is the ablation: a random B, so the model no longer starts as pretrained."""
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # what nn.Linear does for its weight
         if self.init_B == "zeros":
             nn.init.zeros_(self.lora_B)  # B A = 0: training starts from the pretrained function
@@ -121,15 +131,16 @@ class LoRALayer(nn.Module):
         pieces = iter(pieces)
         return torch.cat([next(pieces) if on else zeros for on in self.parts], dim=-1)
 
-    def delta_weight(self):
-        """s * B A, shape (out, in): what merging adds to W0."""
+    def delta_weight(self) -> torch.Tensor:
+        """s * B A, shape (out, in): what merging adds to W0 (the update Delta W = B A of Section 4.1)."""
         if self.parts is None:
             return self.scaling * (self.lora_B @ self.lora_A)
         pieces = [B @ A for A, B in zip(self.lora_A.split(self.rank), self.lora_B.split(self.part_size))]
         zeros = self.lora_A.new_zeros(self.lora_A.shape[1], self.part_size)
         return self.scaling * self._fill_parts([p.T for p in pieces], zeros).T
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """s * B A dropout(x), (*, in) -> (*, out): the low-rank path of h = W0 x + s B A x (Section 4.1)."""
         x = self.dropout(x)  # in the input's dtype: under bf16 autocast that keeps bf16, not an fp32 copy, for backward
         if not torch.is_autocast_enabled(x.device.type):  # autocast runs the matmul in bf16 anyway
             x = x.to(self.lora_A.dtype)
@@ -141,14 +152,14 @@ class LoRALayer(nn.Module):
 
     # PEFT has no partial fused layers: it stores one dense LoRA of rank n*r whose B is zero outside the
     # enabled blocks, with alpha chosen so that its scaling equals ours. The function is the same.
-    def peft_rank_alpha(self):
+    def peft_rank_alpha(self) -> Tuple[int, float]:
         """(r, lora_alpha) under which PEFT's scaling rule gives this layer's s."""
         rank = self.rank * (sum(self.parts) if self.parts else 1)
         if not self.parts and self.scaling_mode != "none":
             return rank, self.alpha
         return rank, self.scaling * (math.sqrt(rank) if self.scaling_mode == "rslora" else rank)
 
-    def peft_B(self):
+    def peft_B(self) -> torch.Tensor:
         """B as PEFT stores it: (out, n*r), block k of columns feeding the k-th enabled slice."""
         if self.parts is None:
             return self.lora_B
@@ -159,7 +170,7 @@ class LoRALayer(nn.Module):
         return dense
 
     @torch.no_grad()
-    def load_peft_B(self, dense):
+    def load_peft_B(self, dense: torch.Tensor) -> torch.Tensor:
         """The inverse of peft_B; refuses a B with updates outside the enabled blocks."""
         if self.parts is None:
             return self.lora_B.copy_(dense)
@@ -182,8 +193,8 @@ class LinearWithLoRA(nn.Module):
     adds the transpose of B A; the adapter itself keeps the same (r, in) / (out, r) orientation.
     """
 
-    def __init__(self, base_layer, rank=8, alpha=16.0, dropout=0.0, init_B="zeros", scaling_mode="standard",
-                 parts=None):
+    def __init__(self, base_layer: nn.Module, rank: int = 8, alpha: float = 16.0, dropout: float = 0.0,
+                 init_B: str = "zeros", scaling_mode: str = "standard", parts: Optional[Sequence[bool]] = None) -> None:
         super().__init__()
         if isinstance(base_layer, Conv1D):
             in_features, out_features = base_layer.weight.shape
@@ -203,7 +214,8 @@ class LinearWithLoRA(nn.Module):
         self.merged = False
         self.enabled = True  # False: the base layer alone (see lora_disabled)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """h = W0 x + s B A x (Section 4.1, Figure 1); merged (B A inside W0) or disabled, the base layer alone."""
         out = self.base_layer(x)
         if self.merged or not self.enabled:
             return out  # merged: B A already lives inside W0
@@ -214,7 +226,9 @@ class LinearWithLoRA(nn.Module):
         return (delta.T if self.fan_in_fan_out else delta).to(self.base_layer.weight.dtype)
 
     @torch.no_grad()
-    def merge_weights(self):
+    def merge_weights(self) -> None:
+        """W = W0 + s B A in place: the layer then costs what the plain layer costs (Section 4.1, "No Additional
+        Inference Latency"). Merging twice would add B A twice: skipped with a warning."""
         if self.merged:
             warnings.warn("LoRA weights are already merged; merging again would add B A twice, skipped")
             return
@@ -222,7 +236,8 @@ class LinearWithLoRA(nn.Module):
         self.merged = True
 
     @torch.no_grad()
-    def unmerge_weights(self):
+    def unmerge_weights(self) -> None:
+        """W0 = W - s B A: recover W0 to train on or to switch to another adapter (Section 4.1)."""
         if not self.merged:
             warnings.warn("LoRA weights are not merged; nothing to unmerge")
             return
@@ -232,7 +247,7 @@ class LinearWithLoRA(nn.Module):
 
 # ----------------------------------------------------------------------------- model surgery
 
-def lora_layers(model):
+def lora_layers(model: nn.Module) -> List[Tuple[str, LinearWithLoRA]]:
     """(name, LinearWithLoRA) for every wrapped layer."""
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)]
 
@@ -259,12 +274,16 @@ def _role_layers(model):
     return ROLE_LAYERS.get(_model_type(model), {})
 
 
-def default_targets(model):
-    """What target_modules=None adapts: W_q and W_v (by role), or the architecture's own default."""
+def default_targets(model: nn.Module) -> List[str]:
+    """What target_modules=None adapts: W_q and W_v (by role), or the architecture's own default.
+
+    Section 7.1: with a fixed parameter budget, adapting W_q and W_v together did at least as well as any one
+    weight type alone."""
     return list(DEFAULT_TARGETS.get(_model_type(model), DEFAULT_ROLES))
 
 
-def resolve_targets(model, target_modules=None):
+def resolve_targets(model: nn.Module,
+                    target_modules: Union[None, str, Sequence[str]] = None) -> Dict[str, Optional[Tuple[bool, ...]]]:
     """{layer name: parts or None}: which layers get LoRA, and for a fused layer which slices (else None).
 
     target_modules: None (default_targets: W_q and W_v, the paper's choice; GPT-2: all of c_attn), 'all'
@@ -319,15 +338,19 @@ def resolve_targets(model, target_modules=None):
     return resolved
 
 
-def find_target_modules(model, target_modules=None):
+def find_target_modules(model: nn.Module, target_modules: Union[None, str, Sequence[str]] = None) -> List[str]:
     """The names of the layers that target_modules selects (see resolve_targets)."""
     return list(resolve_targets(model, target_modules))
 
 
-def apply_lora_to_model(model, target_modules=None, rank=8, alpha=16.0, dropout=0.0,
-                        init_B="zeros", scaling_mode="standard", rank_pattern=None, alpha_pattern=None):
+def apply_lora_to_model(model: nn.Module, target_modules: Union[None, str, Sequence[str]] = None, rank: int = 8,
+                        alpha: float = 16.0, dropout: float = 0.0, init_B: str = "zeros",
+                        scaling_mode: str = "standard", rank_pattern: Optional[Dict[str, int]] = None,
+                        alpha_pattern: Optional[Dict[str, float]] = None) -> nn.Module:
     """Replace the target layers of `model` by LinearWithLoRA, in place, and return the model.
 
+    Section 4.2 adapts only the attention weights (W_q, W_k, W_v, W_o) and freezes the MLP; the default targets
+    are W_q and W_v (Section 7.1; see default_targets), and any other Linear can be named too.
     target_modules: see resolve_targets. Layers already wrapped are left as they are.
     rank_pattern / alpha_pattern: {layer name or its ending: value} overrides per layer, as in PEFT.
     """
@@ -349,7 +372,7 @@ def apply_lora_to_model(model, target_modules=None, rank=8, alpha=16.0, dropout=
     return model
 
 
-def pattern_value(patterns, layer_name, default):
+def pattern_value(patterns: Optional[Dict[str, float]], layer_name: str, default: float) -> float:
     """PEFT's rank_pattern / alpha_pattern rule: the first key that matches the end of the layer name
     (a regular expression, at a dot boundary) gives the value; no match gives the default."""
     for key, value in (patterns or {}).items():
@@ -366,7 +389,7 @@ def _compact_targets(model):
     return leaves if sorted(selected) == sorted(wrapped) else wrapped
 
 
-def resolve_modules_to_save(model, names):
+def resolve_modules_to_save(model: nn.Module, names: Union[None, str, Sequence[str]]) -> List[str]:
     """Full names of the modules that `names` select, by PEFT's rule for modules_to_save: a module is selected
     when its full dotted name ends with one of the names, as a plain string suffix (so 'classifier' also
     selects DistilBERT's 'pre_classifier', as in PEFT). Modules inside a selected one are not listed again."""
@@ -378,8 +401,9 @@ def resolve_modules_to_save(model, names):
     return found
 
 
-def mark_only_lora_as_trainable(model, bias="none", modules_to_save=None):
-    """Freeze everything except LoRA weights, the chosen biases and `modules_to_save`.
+def mark_only_lora_as_trainable(model: nn.Module, bias: str = "none",
+                                modules_to_save: Union[None, str, Sequence[str]] = None) -> nn.Module:
+    """Freeze everything except LoRA weights, the chosen biases and `modules_to_save` (W0 frozen: Section 4.1).
 
     modules_to_save=None keeps a sequence-classification head ('classifier', 'score') trainable: it is
     new and randomly initialised, and a frozen random head cannot learn. Pass [] to freeze it too.
@@ -412,7 +436,7 @@ def mark_only_lora_as_trainable(model, bias="none", modules_to_save=None):
     return model
 
 
-def count_lora_parameters(model):
+def count_lora_parameters(model: nn.Module) -> Dict[str, float]:
     """Parameter counts; `total` counts every parameter once, LoRA included."""
     params = list(model.parameters())  # shared (tied) parameters appear once
     total = sum(p.numel() for p in params)
@@ -422,20 +446,22 @@ def count_lora_parameters(model):
             "percentage": 100.0 * trainable / total if total else 0.0}
 
 
-def merge_lora_weights(model):
+def merge_lora_weights(model: nn.Module) -> nn.Module:
+    """Fold every layer's B A into its W0 (Section 4.1: no additional inference latency); returns the model."""
     for _, layer in lora_layers(model):
         layer.merge_weights()
     return model
 
 
-def unmerge_lora_weights(model):
+def unmerge_lora_weights(model: nn.Module) -> nn.Module:
+    """Subtract every layer's B A again (Section 4.1: W0 recovered, to train on or swap adapters); returns the model."""
     for _, layer in lora_layers(model):
         layer.unmerge_weights()
     return model
 
 
 @contextmanager
-def lora_disabled(model):
+def lora_disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model alone inside this block (e.g. to compare with the adapter)."""
     layers = [layer for _, layer in lora_layers(model)]
     if any(layer.merged for layer in layers):
@@ -449,7 +475,7 @@ def lora_disabled(model):
             layer.enabled = True
 
 
-def merge_and_unload(model):
+def merge_and_unload(model: nn.Module) -> nn.Module:
     """Fold every B A into W0 and put the plain layers back: a standard model for save_pretrained."""
     for name, layer in lora_layers(model):
         if not layer.merged:
@@ -463,7 +489,7 @@ def merge_and_unload(model):
 
 # ----------------------------------------------------------------------------- state and files
 
-def get_lora_state_dict(model):
+def get_lora_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """What an adapter holds: LoRA A and B, plus the saved modules (head) and trained biases."""
     config = getattr(model, "lora_config", {})
     keep = [m + "." for m in (config.get("modules_to_save") or [])]
@@ -482,7 +508,7 @@ def get_lora_state_dict(model):
     return state
 
 
-def load_lora_state_dict(model, state):
+def load_lora_state_dict(model: nn.Module, state: Dict[str, torch.Tensor]) -> nn.Module:
     """Strict load: missing, unexpected or wrong-shaped keys raise an AdapterError that names them."""
     expected = get_lora_state_dict(model)
     missing = sorted(set(expected) - set(state))
@@ -514,7 +540,7 @@ def _from_peft_key(key):
     return re.sub(r"\.lora_([AB])(\.default)?\.weight$", r".lora.lora_\1", name)
 
 
-def write_atomically(path: str, write) -> str:
+def write_atomically(path: str, write: Callable[[str], Any]) -> str:
     """write(temporary path), then rename it to `path`: readers see the old file or the new one, never half of
     one (a rename within a folder is atomic). The repo's one way of writing a result file."""
     tmp = path + ".tmp"
@@ -532,7 +558,7 @@ TASK_TYPES = (("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "ForSequenceCl
               ("MODEL_MAPPING_NAMES", "Model", "FEATURE_EXTRACTION"))
 
 
-def infer_task_type(model):
+def infer_task_type(model: nn.Module) -> Optional[str]:
     """PEFT's task_type for this model, from its class (as PeftModelFor... would be chosen); None if unknown.
 
     A sequence classifier is SEQ_CLS whether or not its head was marked trainable, a GPT-2 LMHeadModel is
@@ -559,8 +585,9 @@ def infer_task_type(model):
     return None
 
 
-def save_adapter(model, output_dir, base_model_name_or_path=None, task_type=None):
-    """Write the adapter in PEFT's format: adapter_config.json + adapter_model.safetensors."""
+def save_adapter(model: nn.Module, output_dir: str, base_model_name_or_path: Optional[str] = None,
+                 task_type: Optional[str] = None) -> str:
+    """Write the adapter in PEFT's format: adapter_config.json + adapter_model.safetensors; returns output_dir."""
     from safetensors.torch import save_file
     config = getattr(model, "lora_config", None)
     if config is None:
@@ -624,7 +651,7 @@ def _check_pattern(path, key, patterns, valid, expected):
             raise AdapterError(f"{path}: {key}[{pattern!r}] is {value!r}; expected {expected}")
 
 
-def check_adapter_config(config, path=ADAPTER_CONFIG_NAME):
+def check_adapter_config(config: dict, path: str = ADAPTER_CONFIG_NAME) -> dict:
     """Raise AdapterError naming the first value of a LoRA adapter_config that cannot be applied here."""
     def bad(key, expected):
         shown = repr(config[key]) if key in config else "missing"
@@ -669,7 +696,7 @@ def check_adapter_config(config, path=ADAPTER_CONFIG_NAME):
     return config
 
 
-def read_adapter_config(adapter_dir):
+def read_adapter_config(adapter_dir: str) -> dict:
     """adapter_config.json as a dict, checked to be a LoRA config this file can apply (else AdapterError)."""
     path = os.path.join(adapter_dir, ADAPTER_CONFIG_NAME)
     if not os.path.isfile(path):
@@ -712,7 +739,7 @@ def _read_weights(adapter_dir):
     return weights, state
 
 
-def read_adapter(adapter_dir):
+def read_adapter(adapter_dir: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
     """(config, state): the checked config and the weights under this file's parameter names."""
     config = read_adapter_config(adapter_dir)
     weights, tensors = _read_weights(adapter_dir)
@@ -725,7 +752,7 @@ def read_adapter(adapter_dir):
     return config, state
 
 
-def adapter_target_names(model, config):
+def adapter_target_names(model: nn.Module, config: dict) -> List[str]:
     """Full names of the layers an adapter config adapts in `model`, with PEFT's rules: target_modules (names
     matched exactly or as a dotted suffix, a regular expression string, or all-linear), less exclude_modules."""
     try:
@@ -741,7 +768,7 @@ def adapter_target_names(model, config):
     return names
 
 
-def load_adapter(model, adapter_dir):
+def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
     """Apply the adapter in `adapter_dir` to `model` (a bare base model or one already LoRA-wrapped).
 
     Raises AdapterError for anything that keeps the adapter from loading: a bad config value, missing or

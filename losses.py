@@ -12,9 +12,12 @@ adapted), so no gradient for it is needed; a trainable head, or an architecture 
 after the head, falls back to the model's own loss.
 """
 
+from typing import Any, Optional, Tuple
+
 import torch
 import torch.nn as nn
 from transformers.modeling_outputs import CausalLMOutput
+from transformers.utils import ModelOutput
 
 IGNORE_INDEX = -100  # labels with this value do not count (transformers' convention)
 # Architectures whose logits are exactly lm_head(last hidden state). Others scale or cap them after the head
@@ -26,7 +29,9 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
     """mean over counted positions of cross_entropy(hidden @ weight.T, targets), computed chunk by chunk."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, chunk_size, want_grad):
+    def forward(ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk_size: int,
+                want_grad: bool) -> torch.Tensor:
+        """The mean loss; with want_grad, each chunk's gradient for `hidden` is stored for backward meanwhile."""
         counted = targets != IGNORE_INDEX
         count = counted.sum().clamp(min=1)
         loss_sum = hidden.new_zeros((), dtype=torch.float32)
@@ -48,7 +53,8 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return loss_sum / count
 
     @staticmethod
-    def backward(ctx, grad_output):
+    def backward(ctx: Any, grad_output: torch.Tensor) -> Tuple[torch.Tensor, None, None, None, None]:
+        """The stored gradient, scaled; none for the weight (frozen), the targets or the options."""
         grad, count = ctx.saved_tensors
         scale = grad_output.float() / count  # in fp32: a bf16 scale would be off by up to 0.4%
         return (grad.float() * scale).to(grad.dtype), None, None, None, None
@@ -59,11 +65,14 @@ class ChunkedCausalLM(nn.Module):
     cross-entropy (labels shifted by one position, as the model's own loss does), without the full logits.
     It is an nn.Module so that DistributedDataParallel can wrap it like the model itself."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024):
+    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
         super().__init__()
         self.model, self.chunk_size = model, chunk_size
 
-    def forward(self, input_ids, attention_mask=None, labels=None, **kwargs):
+    def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, **kwargs: Any) -> ModelOutput:
+        """CausalLMOutput with .loss only (no logits), computed chunk by chunk. Without labels, with a trainable or
+        biased head, or on an architecture outside PLAIN_HEADS: the model's own forward and output."""
         head = self.model.get_output_embeddings()
         if (labels is None or head is None or head.weight.requires_grad or getattr(head, "bias", None) is not None
                 or getattr(self.model.config, "model_type", None) not in PLAIN_HEADS):

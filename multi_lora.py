@@ -18,6 +18,7 @@ Merged weights cannot serve several adapters, so they are refused.
 import os
 import warnings
 from contextlib import contextmanager
+from typing import Any, Iterator, List, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -37,7 +38,7 @@ def _same_base(a, b):
 class LoRABank(nn.Module):
     """Stand-in for LinearWithLoRA.lora that holds every adapter's update for one layer."""
 
-    def __init__(self, in_features, out_features, device):
+    def __init__(self, in_features: int, out_features: int, device: torch.device) -> None:
         super().__init__()
         self.register_buffer("A", torch.zeros(1, 1, in_features, device=device))
         self.register_buffer("B", torch.zeros(1, out_features, 1, device=device))
@@ -45,7 +46,7 @@ class LoRABank(nn.Module):
         self.active = 0        # slot used when no per-row choice is set
         self.row_slots = None  # LongTensor (batch,) during a mixed batch
 
-    def add(self, A=None, B=None, scaling=0.0):
+    def add(self, A: Optional[torch.Tensor] = None, B: Optional[torch.Tensor] = None, scaling: float = 0.0) -> None:
         """Append a slot; A (r, in) and B (out, r), or zeros when the adapter skips this layer."""
         n, rank, _ = self.A.shape
         if A is not None and A.shape[0] > rank:  # widen every slot to the new largest rank
@@ -61,11 +62,13 @@ class LoRABank(nn.Module):
         self.B = torch.cat([self.B, new_B])
         self.scaling = torch.cat([self.scaling, torch.tensor([float(scaling)], device=self.scaling.device)])
 
-    def remove(self, slot):
+    def remove(self, slot: int) -> None:
+        """Drop a slot; the slots after it move down by one."""
         keep = [i for i in range(self.A.shape[0]) if i != slot]
         self.A, self.B, self.scaling = self.A[keep], self.B[keep], self.scaling[keep]
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """s_i B_i A_i x with the active slot i, or during a mixed batch each row's own slot (gathered, two bmm)."""
         x = x.to(self.A.dtype)
         if self.row_slots is None:
             i = self.active
@@ -81,25 +84,27 @@ class LoRABank(nn.Module):
 class HeadBank(nn.Module):
     """Per-adapter classification heads (a Linear each); slot 0 is the base model's own head."""
 
-    def __init__(self, base_head):
+    def __init__(self, base_head: nn.Linear) -> None:
         super().__init__()
         self.register_buffer("weight", base_head.weight.detach().clone().unsqueeze(0))
         self.register_buffer("bias", (base_head.bias.detach().clone() if base_head.bias is not None
                                       else torch.zeros(base_head.out_features)).unsqueeze(0))
         self.active, self.row_slots = 0, None
 
-    def add(self, weight=None, bias=None):
+    def add(self, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> None:
         """Append a slot; a saved head (read on the CPU) moves to where the model lives."""
         weight = self.weight[0] if weight is None else weight.to(self.weight)
         bias = self.bias[0] if bias is None else bias.to(self.bias)
         self.weight = torch.cat([self.weight, weight.unsqueeze(0)])
         self.bias = torch.cat([self.bias, bias.unsqueeze(0)])
 
-    def remove(self, slot):
+    def remove(self, slot: int) -> None:
+        """Drop a slot; the slots after it move down by one."""
         keep = [i for i in range(self.weight.shape[0]) if i != slot]
         self.weight, self.bias = self.weight[keep], self.bias[keep]
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The active slot's head, or during a mixed batch each row's own head."""
         if self.row_slots is None:
             return F.linear(x, self.weight[self.active], self.bias[self.active])
         slots = self.row_slots
@@ -110,7 +115,7 @@ class HeadBank(nn.Module):
 class MultiAdapterModel:
     """A frozen base model plus named adapters. Call it like the model; choose with set_adapter / rows."""
 
-    def __init__(self, model, base_model_name_or_path=None):
+    def __init__(self, model: nn.Module, base_model_name_or_path: Optional[str] = None) -> None:
         """base_model_name_or_path: the name adapters record for this base (default: the model's own
         name_or_path); an adapter that names another base is loaded with a warning."""
         if any(layer.merged for _, layer in lora_layers(model)):
@@ -126,7 +131,7 @@ class MultiAdapterModel:
         self.base_name = base_model_name_or_path or getattr(getattr(model, "config", None), "name_or_path", None) or None
 
     # ------------------------------------------------------------------ adapters
-    def load_adapter(self, name, adapter_dir):
+    def load_adapter(self, name: str, adapter_dir: str) -> "MultiAdapterModel":
         """Load an adapter saved by this repo or by PEFT under `name` (a non-empty string)."""
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"an adapter name must be a non-empty string, got {name!r} (None is the base model)")
@@ -208,11 +213,12 @@ class MultiAdapterModel:
         return list(self.banks.values()) + list(self.heads.values())
 
     @property
-    def active_adapter(self):
+    def active_adapter(self) -> Optional[str]:
         """The adapter set_adapter chose (None: the base alone)."""
         return self.names[self._all_banks()[0].active] if self._all_banks() else None
 
-    def delete_adapter(self, name):
+    def delete_adapter(self, name: Union[str, int]) -> None:
+        """Unload adapter `name` (or slot index) from every bank; the base model (slot 0) cannot be deleted."""
         slot = self._slot(name)
         if slot == 0:  # None or 0: the base model itself, which every other slot builds on
             raise ValueError("slot 0 is the base model and cannot be deleted; name a loaded adapter")
@@ -222,7 +228,8 @@ class MultiAdapterModel:
         del self.names[slot]
 
     @property
-    def adapters(self):
+    def adapters(self) -> List[str]:
+        """The loaded adapters' names, in slot order (the base model, slot 0, is not one)."""
         return self.names[1:]
 
     def _slot(self, name):
@@ -236,7 +243,7 @@ class MultiAdapterModel:
             raise KeyError(f"no adapter named {name!r}; loaded: {', '.join(self.adapters) or 'none'}")
         return self.names.index(name)
 
-    def set_adapter(self, name):
+    def set_adapter(self, name: Union[None, str, int]) -> None:
         """Hot swap: every later call uses adapter `name` (None: the base model alone)."""
         slot = self._slot(name)
         for bank in self._all_banks():
@@ -245,7 +252,7 @@ class MultiAdapterModel:
             layer.enabled = slot != 0  # the base alone skips the LoRA path entirely
 
     @contextmanager
-    def rows(self, names):
+    def rows(self, names: Sequence[Union[None, str, int]]) -> Iterator["MultiAdapterModel"]:
         """Inside this block, row b of the batch uses adapter names[b] (a name, an index, or None)."""
         slots = torch.tensor([self._slot(n) for n in names], device=self._device())
         saved = [layer.enabled for layer in self._layers()]
@@ -270,9 +277,10 @@ class MultiAdapterModel:
     def _device(self):
         return next(self.model.parameters()).device
 
-    def __call__(self, *args, **kwargs):
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
         with torch.no_grad():
             return self.model(*args, **kwargs)
 
-    def generate(self, *args, **kwargs):
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The base model's generate, with the active adapter (or each row's, inside rows())."""
         return self.model.generate(*args, **kwargs)

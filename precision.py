@@ -7,7 +7,7 @@ bf16 weight would round away); autocast runs the frozen base's matmuls in bf16 o
 import os
 import random
 import time
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -16,7 +16,9 @@ from config import ConfigError
 
 
 
-def pick_device(name="auto"):
+def pick_device(name: str = "auto") -> torch.device:
+    """The device a run computes on: auto takes CUDA, then Apple's MPS, then the CPU; a device that was asked for
+    but is not there is a ConfigError (never a silent fall back to the CPU)."""
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -31,7 +33,7 @@ def pick_device(name="auto"):
 
 
 
-def cpu_has_native_bf16():
+def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
     and far slower than fp32 (measured 66x slower on an AVX2-only AMD EPYC)."""
     try:
@@ -82,7 +84,7 @@ def choose_precision(precision: str, device: torch.device,
     return best, f"auto: the faster on this job's longest batch ({measured} per step)"
 
 
-def autocast_context(precision, device):
+def autocast_context(precision: str, device: torch.device) -> AbstractContextManager:
     """Mixed precision for the forward pass; LoRA weights and optimizer state stay fp32."""
     if precision == "fp32":
         return nullcontext()
@@ -91,7 +93,7 @@ def autocast_context(precision, device):
 
 
 
-def trainable_to_fp32(model):
+def trainable_to_fp32(model: torch.nn.Module) -> torch.nn.Module:
     """Upcast what trains (the head, trained biases) on a bf16/fp16 base: like the LoRA weights, small updates
     would vanish in half precision. Autocast then joins them with the half-precision base."""
     for param in model.parameters():
@@ -101,7 +103,9 @@ def trainable_to_fp32(model):
 
 
 
-def set_seed(seed):
+def set_seed(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (every device), so that LoRA's A, the new head and the
+    dropout masks are the same in every run with this seed."""
     import numpy as np
     random.seed(seed)
     np.random.seed(seed)

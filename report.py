@@ -8,14 +8,20 @@ import platform
 import sys
 import time
 from collections import Counter
+from typing import TYPE_CHECKING, Any, Dict
 
 import torch
 
 from lora_linear import ROLES, lora_layers, write_atomically
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+    from train_lora_basic import Run  # a type only: train_lora_basic imports this module
 
 
-def library_versions():
+
+def library_versions() -> Dict[str, str]:
+    """Python's and the main libraries' versions (those installed), recorded with every result."""
     import importlib.metadata as md
     versions = {"python": platform.python_version()}
     for name in ("torch", "transformers", "datasets", "safetensors", "peft"):
@@ -27,7 +33,8 @@ def library_versions():
 
 
 
-def machine_description(device):
+def machine_description(device: torch.device) -> str:
+    """What a result was measured on: the GPU's name, or the CPU model with its core and torch thread counts."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     cpu = platform.processor() or platform.machine()
@@ -40,7 +47,7 @@ def machine_description(device):
 
 
 
-def describe_lora_layers(model, compact: bool = False) -> str:
+def describe_lora_layers(model: torch.nn.Module, compact: bool = False) -> str:
     """What was adapted, e.g. 'c_attn (q, v slices) x 12' for the log, or 'c_attn[q,v]' (compact) for tables."""
     kinds = Counter()
     for name, layer in lora_layers(model):
@@ -53,7 +60,7 @@ def describe_lora_layers(model, compact: bool = False) -> str:
     return ", ".join(f"{kind} x {count}" for kind, count in kinds.items())
 
 
-def peak_memory_mb(device):
+def peak_memory_mb(device: torch.device) -> float:
     """Peak memory of this process: CUDA max allocated, else peak resident set size (RSS)."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -63,7 +70,8 @@ def peak_memory_mb(device):
 
 
 
-def format_parameter_table(counts):
+def format_parameter_table(counts: Dict[str, float]) -> str:
+    """count_lora_parameters' counts as an aligned table for the log (the LoRA row only when there is LoRA)."""
     return "\n".join([
         f"{'Total parameters':<22}{counts['total']:>14,}",
         f"{'Trainable parameters':<22}{counts['trainable']:>14,}",
@@ -74,7 +82,7 @@ def format_parameter_table(counts):
 
 
 
-def plot_training_curves(history, path, metric_name):
+def plot_training_curves(history: dict, path: str, metric_name: str) -> None:
     """Loss (train, eval) and the task metric per epoch, side by side."""
     import matplotlib
     matplotlib.use("Agg")
@@ -99,7 +107,7 @@ def plot_training_curves(history, path, metric_name):
 
 
 
-def save_figure_atomic(fig, path: str) -> None:
+def save_figure_atomic(fig: "Figure", path: str) -> None:
     """A matplotlib figure as a PNG, written atomically."""
     import matplotlib.pyplot as plt
     fig.tight_layout()
@@ -108,17 +116,19 @@ def save_figure_atomic(fig, path: str) -> None:
 
 
 def write_text_atomic(path: str, text: str) -> None:
+    """`text` into `path` as UTF-8, written atomically (write_atomically)."""
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
     write_atomically(path, write)
 
 
-def write_json_atomic(path: str, data) -> None:
+def write_json_atomic(path: str, data: Any) -> None:
+    """`data` as indented JSON, written atomically."""
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
-def write_run_report(run) -> dict:
+def write_run_report(run: "Run") -> dict:
     """training_metrics.json, training_curves.png and model_comparison.txt for a finished run (train_lora_basic.Run);
     returns the metrics."""
     config, model, state, counts, provenance = run.config, run.model, run.state, run.counts, run.provenance

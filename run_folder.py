@@ -11,6 +11,7 @@
 train_lora_basic.py calls these; the loop itself stays there, where a learner reads it.
 """
 
+import argparse
 import json
 import logging
 import math
@@ -19,7 +20,7 @@ import shutil
 import signal
 import sys
 import time
-from typing import Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 
@@ -33,8 +34,9 @@ log = logging.getLogger("train_lora")
 
 # ----------------------------------------------------------------------------- claiming the folder
 
-def claim_output_dir(output_dir, resume, overwrite):
-    """Refuse to clobber: a live run holding the lock, or a finished run unless asked to overwrite.
+def claim_output_dir(output_dir: str, resume: bool, overwrite: bool) -> str:
+    """Refuse to clobber: a live run holding the lock, or a finished run unless asked to overwrite. Returns the
+    path of the lock file, which the caller removes when the run ends.
 
     --resume settles the checkpoint folders (the newest complete one becomes checkpoint/); a fresh start
     never deletes a complete checkpoint unless --overwrite_output_dir. That moves the previous run aside
@@ -137,17 +139,18 @@ def _set_previous_run_aside(output_dir):
     os.replace(moving, os.path.join(output_dir, PREVIOUS_RUN))
 
 
-def commit_overwrite(output_dir):
+def commit_overwrite(output_dir: str) -> None:
     """The new run is about to write a result: the previous run it replaces is deleted (renamed away first)."""
     previous = os.path.join(output_dir, PREVIOUS_RUN)
     if os.path.isdir(previous):
         _discard(previous)
 
 
-def restore_previous_run(output_dir):
+def restore_previous_run(output_dir: str) -> bool:
     """Undo an overwrite whose new run wrote no result (it failed or was killed early): its files (logs only)
     go, the previous run's come back. Each step is idempotent, so a kill here is finished by the next call.
-    Killed while still moving aside (.overwrite-moving/), the new run never started: every file is old."""
+    Killed while still moving aside (.overwrite-moving/), the new run never started: every file is old.
+    True if there was a previous run to put back."""
     for name, new_run_started in ((OVERWRITE_MOVING, False), (PREVIOUS_RUN, True)):
         folder = os.path.join(output_dir, name)
         if not os.path.isdir(folder):
@@ -177,7 +180,9 @@ def _process_alive(pid):
         return True
 
 
-def setup_logging(output_dir, is_main):
+def setup_logging(output_dir: str, is_main: bool) -> None:
+    """The "train_lora" log: to the console, and on the main process to output_dir/training_log.txt (appended,
+    so a resumed run continues it); other ranks log warnings only."""
     log.handlers.clear()
     log.setLevel(logging.INFO if is_main else logging.WARNING)
     log.propagate = False
@@ -191,7 +196,7 @@ def setup_logging(output_dir, is_main):
         log.addHandler(h)
 
 
-def point_latest_run(output_dir):
+def point_latest_run(output_dir: str) -> None:
     """Make ./output point at this run when it lives in results/ (the course's `ls -lh output/`)."""
     if os.path.commonpath([os.path.abspath(output_dir), os.path.abspath(RESULTS_ROOT)]) != os.path.abspath(RESULTS_ROOT):
         return
@@ -219,7 +224,7 @@ class TrainingDiverged(RuntimeError):
     """The loss or an evaluation became nan or inf: reported in one line, exit status 1."""
 
 
-def request_stop(*_) -> None:
+def request_stop(*_: Any) -> None:
     """SIGINT handler: the loop finishes its optimizer step, saves a checkpoint and exits 130."""
     global _STOP_REQUESTED
     if _STOP_REQUESTED:  # a second Ctrl-C stops at once
@@ -228,10 +233,11 @@ def request_stop(*_) -> None:
 
 
 def stop_requested() -> bool:
+    """True once Ctrl-C (or request_stop) asked the run to stop after its current optimizer step."""
     return _STOP_REQUESTED
 
 
-def catch_ctrl_c(enabled: bool):
+def catch_ctrl_c(enabled: bool) -> Union[Callable[..., Any], int, None]:
     """Route Ctrl-C to request_stop for this run; returns the handler to put back (None if not enabled)."""
     global _STOP_REQUESTED
     _STOP_REQUESTED = False
@@ -244,7 +250,7 @@ class StepSums:
     """Loss and correct counts summed on the device and read on the host once per log line, evaluation or
     checkpoint: reading them every step would make a GPU wait idle while Python prepares the next step."""
 
-    def __init__(self, device: torch.device, state: dict):
+    def __init__(self, device: torch.device, state: dict) -> None:
         self.sums = torch.zeros(2, dtype=torch.float64, device=device)  # loss x items, correct
         self.items = 0
         parked = state.pop("pending", None)
@@ -254,6 +260,7 @@ class StepSums:
         self.state = state
 
     def add(self, loss: torch.Tensor, items: int, correct: Optional[torch.Tensor] = None) -> None:
+        """Add one micro-batch's mean loss (times its items) and correct count, on the device: no host sync."""
         self.sums[0] += loss.detach().double() * items
         if correct is not None:
             self.sums[1] += correct
@@ -284,7 +291,7 @@ class RunRecord:
     """Each logged window and evaluation goes three ways: the state's history (metrics json, curves,
     checkpoint), the log (console and training_log.txt) and TensorBoard (logs/<run name>)."""
 
-    def __init__(self, state: dict, logging_dir: Optional[str], purge_step: Optional[int]):
+    def __init__(self, state: dict, logging_dir: Optional[str], purge_step: Optional[int]) -> None:
         self.state, self.writer = state, None
         if logging_dir:
             from torch.utils.tensorboard import SummaryWriter
@@ -310,6 +317,7 @@ class RunRecord:
         return entry
 
     def evaluation(self, result: dict, metric: str, baseline: bool) -> None:
+        """An evaluation into the history, the log and TensorBoard; baseline: the one at step 0, before training."""
         state = self.state
         state["history"]["eval"].append({"step": state["step"], "epoch": state["epoch"] + 1, **result})
         log.info(f"eval step {state['step']}{' (before training)' if baseline else ''}: loss {result['loss']:.4f}, "
@@ -317,6 +325,7 @@ class RunRecord:
         self._scalars("eval", result)
 
     def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
         if self.writer:
             self.writer.close()
 
@@ -328,7 +337,8 @@ def new_state() -> dict:
             "eval_time_s": 0.0}
 
 
-def keep_if_best(output_dir: Optional[str], model, state: dict, result: dict, metric: str, base_name: str) -> None:
+def keep_if_best(output_dir: Optional[str], model: torch.nn.Module, state: dict, result: dict, metric: str,
+                 base_name: str) -> None:
     """A new best evaluation (higher accuracy, lower perplexity) becomes state["best"], and its adapter replaces
     the one at the top of output_dir (None: nothing is written)."""
     value, best = result[metric], state["best"]
@@ -381,7 +391,7 @@ def checkpoint_precision(output_dir: str) -> Optional[tuple]:
         return None
 
 
-def newest_checkpoint(output_dir):
+def newest_checkpoint(output_dir: str) -> Optional[str]:
     """The newest complete checkpoint folder among checkpoint/, checkpoint.new/ and checkpoint.old/, or None."""
     found = []
     for rank, name in enumerate(CHECKPOINT_NAMES):
@@ -399,7 +409,7 @@ def _discard(folder):
     shutil.rmtree(trash)
 
 
-def settle_checkpoints(output_dir):
+def settle_checkpoints(output_dir: str) -> Optional[str]:
     """Leave one checkpoint folder, checkpoint/, holding the newest complete checkpoint (or none if no complete one
     exists). Every step is a rename or the deletion of a renamed folder, so a kill anywhere here leaves a state
     that this function settles again. Returns that folder or None."""
@@ -417,7 +427,9 @@ def settle_checkpoints(output_dir):
     return final if best is not None else None
 
 
-def save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, config, provenance):
+def save_checkpoint(output_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Optional[torch.amp.GradScaler],
+                    state: dict, config: dict, provenance: dict) -> None:
     """Write checkpoint.new/ completely (its marker last), then swap it in. A kill at any instruction leaves
     either the previous complete checkpoint or this one findable by newest_checkpoint; nothing is overwritten
     in place and a folder is deleted only after it has been renamed away."""
@@ -448,7 +460,11 @@ def save_checkpoint(output_dir, model, optimizer, scheduler, scaler, state, conf
 TRAINER_STATE_KEYS = ("optimizer", "scheduler", "scaler", "state", "config", "torch_rng", "cuda_rng")
 
 
-def load_checkpoint(output_dir, model, optimizer, scheduler, scaler, config):
+def load_checkpoint(output_dir: str, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: Optional[torch.amp.GradScaler],
+                    config: dict) -> dict:
+    """--resume: the newest complete checkpoint into the model (LoRA and head), optimizer, schedule, scaler and
+    random state; returns the run's state. A checkpoint of another config, or an unreadable one, is a ConfigError."""
     folder = newest_checkpoint(output_dir)  # checkpoint/ once claim_output_dir has settled the folders
     if folder is None:
         raise ConfigError(f"--resume but '{output_dir}' has no complete checkpoint/; start without --resume")
@@ -487,7 +503,7 @@ def load_checkpoint(output_dir, model, optimizer, scheduler, scaler, config):
     return state
 
 
-def already_done(config, args):
+def already_done(config: dict, args: argparse.Namespace) -> Optional[str]:
     """A sweep that reaches a configuration it already finished (its folder is named by the configuration):
     the run's result, else None. The course's loops can then be run again without an error."""
     metrics_path = os.path.join(config["output_dir"], "training_metrics.json")

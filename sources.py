@@ -11,10 +11,14 @@ import math
 import os
 import socket
 import sys
+from typing import TYPE_CHECKING, Any, List, Optional, Tuple
 from urllib.parse import urlparse
 
 import assets
 from config import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where a model is loaded
+    import torch
 
 
 # ----------------------------------------------------------------------------- the Hub
@@ -24,7 +28,7 @@ _HUB_REACHABLE = None
 OFFLINE_REASON = None
 
 
-def hub_reachable(timeout=3.0):
+def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP check of the Hub endpoint per process (a failing Hub call otherwise retries for ~26 s)."""
     global _HUB_REACHABLE, OFFLINE_REASON
     if _HUB_REACHABLE is None:
@@ -43,7 +47,7 @@ def hub_reachable(timeout=3.0):
     return _HUB_REACHABLE
 
 
-def go_offline():
+def go_offline() -> None:
     """Tell huggingface_hub, transformers and datasets to use only local files from now on."""
     os.environ["HF_HUB_OFFLINE"] = "1"
     from huggingface_hub import constants
@@ -53,7 +57,8 @@ def go_offline():
         datasets.config.HF_HUB_OFFLINE = True
 
 
-def banner(lines):
+def banner(lines: List[str]) -> str:
+    """Print `lines` framed in '#' (an offline fallback must not go unnoticed in the console); returns the text."""
     width = max(len(line) for line in lines) + 4
     text = "\n".join(["#" * width] + [f"# {line.ljust(width - 4)} #" for line in lines] + ["#" * width])
     print(text, flush=True)
@@ -67,7 +72,7 @@ ASSET_HUB_IDS = {"minilm": "sentence-transformers/all-MiniLM-L6-v2",
                  "smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
-def resolve_model_source(model_name, fallback=None):
+def resolve_model_source(model_name: str, fallback: Optional[str] = None) -> Tuple[str, dict]:
     """Where to load `model_name` from: (path_or_id, provenance). Order: local folder, Hub or its local
     cache, then the offline fallback asset (with a banner saying what was replaced by what and why)."""
     if os.path.isdir(model_name):
@@ -92,7 +97,7 @@ def resolve_model_source(model_name, fallback=None):
                                         "source": assets.PROVENANCE[fallback], "fallback": True, "reason": reason}
 
 
-def model_reachable(model_name):
+def model_reachable(model_name: str) -> bool:
     """True if `model_name` loads without the offline fallback: a folder, the Hub, or the local cache."""
     return os.path.isdir(model_name) or hub_reachable() or _in_hf_cache(model_name)
 
@@ -105,7 +110,8 @@ def _in_hf_cache(model_name):
         return False
 
 
-def load_base_model(model_name, task, num_labels=2, fallback=None, dtype="fp32"):
+def load_base_model(model_name: str, task: str, num_labels: int = 2, fallback: Optional[str] = None,
+                    dtype: str = "fp32") -> Tuple["torch.nn.Module", Any, dict]:
     """(model, tokenizer, provenance) for training and inference alike. dtype (fp32 | bf16 | fp16) is always
     passed: transformers 5 would otherwise load the checkpoint's own dtype, bf16 for most new LLMs, which
     a CPU without native bf16 runs many times slower than fp32."""
@@ -157,7 +163,7 @@ def check_local_head(config: dict) -> None:
 # ----------------------------------------------------------------------------- data
 
 
-def load_splits(config):
+def load_splits(config: dict) -> Tuple[List[dict], List[dict], dict, tuple]:
     """(train_rows, eval_rows, provenance, columns): lists of dicts plus where they came from."""
     data, task, seed = config["data"], config["task"], config["training"]["seed"]
     if data["train_file"]:

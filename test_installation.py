@@ -22,13 +22,16 @@ def _version_tuple(text):
     return tuple(int(part) for part in text.split("+")[0].split(".")[:2] if part.isdigit())
 
 
-def check_python():
+def check_python() -> str:
+    """The Python version; RuntimeError if it is older than 3.9."""
     if sys.version_info < (3, 9):
         raise RuntimeError(f"Python {sys.version.split()[0]} is too old; install Python 3.9 or newer")
     return sys.version.split()[0]
 
 
-def check_package(module, distribution, minimum):
+def check_package(module: str, distribution: str, minimum: str) -> str:
+    """The installed version of `distribution`, once `module` imports; RuntimeError (with the fix) if it is
+    missing, broken or older than `minimum`."""
     try:
         importlib.import_module(module)
         version = metadata.version(distribution)
@@ -39,7 +42,8 @@ def check_package(module, distribution, minimum):
     return version
 
 
-def check_device():
+def check_device() -> str:
+    """What will compute: CUDA (and whether it has bf16), Apple's MPS, or the CPU (threads, native bf16)."""
     import torch
     if torch.cuda.is_available():
         return f"CUDA ({torch.cuda.get_device_name(0)}, bf16 {'yes' if torch.cuda.is_bf16_supported() else 'no'})"
@@ -50,7 +54,8 @@ def check_device():
            " - training works, more slowly"
 
 
-def check_lora_layer():
+def check_lora_layer() -> str:
+    """A fresh LinearWithLoRA computes exactly its base layer (B starts at zero) and only LoRA gets gradients."""
     import torch
     from lora_linear import LinearWithLoRA
     layer = LinearWithLoRA(torch.nn.Linear(16, 8), rank=4, alpha=8)
@@ -63,7 +68,8 @@ def check_lora_layer():
     return "forward and backward ok"
 
 
-def check_apply_and_merge():
+def check_apply_and_merge() -> str:
+    """LoRA on a tiny random BERT: the merged model (W0 + s B A) gives the unmerged model's outputs."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification
     from lora_linear import apply_lora_to_model, count_lora_parameters, lora_layers, merge_lora_weights
@@ -83,7 +89,8 @@ def check_apply_and_merge():
     return f"{count_lora_parameters(model)['lora']} LoRA parameters, merge exact"
 
 
-def main():
+def main() -> int:
+    """Run every check and print each result: exit status 0 if all pass, else 1 (every failure listed)."""
     checks = [("python", check_python)]
     checks += [(f"package {dist}", lambda m=mod, d=dist, v=low: check_package(m, d, v)) for mod, dist, low in REQUIRED]
     checks += [("device", check_device), ("LoRA layer", check_lora_layer), ("apply + merge", check_apply_and_merge)]

@@ -16,6 +16,7 @@ Every config key is also a flag (--rank, --batch_size, ...). Read it top to bott
                   clip, step, log, evaluate, checkpoint; Ctrl-C saves a checkpoint that --resume continues
 """
 
+import argparse
 import functools
 import json
 import logging
@@ -27,7 +28,7 @@ import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -55,8 +56,8 @@ __all__ = ["main", "train", "build_run", "train_loop", "evaluate", "request_stop
 # ----------------------------------------------------------------------------- evaluation
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader, task: str, device: torch.device, precision: str, world_size: int,
-             show_progress: bool) -> dict:
+def evaluate(model: nn.Module, loader: Iterable[Dict[str, torch.Tensor]], task: str, device: torch.device,
+             precision: str, world_size: int, show_progress: bool) -> dict:
     """Mean loss and accuracy (classification) or perplexity (causal LM), summed across ranks."""
     model.eval()
     totals = torch.zeros(3, dtype=torch.float64, device=device)  # loss * items, correct, items
@@ -111,10 +112,12 @@ class Run:
 
     @property
     def task(self) -> str:
+        """classification or causal_lm: what the run fine-tunes for."""
         return self.config["task"]
 
     @property
     def metric(self) -> str:
+        """What evaluation reports and "best" means: accuracy or perplexity."""
         return TRACKS[self.task].metric
 
 
@@ -183,7 +186,8 @@ def plan_precision(config: dict, device: torch.device, world_size: int, resume: 
     return precision, reason, measure, base_auto
 
 
-def measure_precision(model: nn.Module, step_model: nn.Module, train_set: list, collate, config: dict,
+def measure_precision(model: nn.Module, step_model: nn.Module, train_set: list,
+                      collate: Callable[[List[dict]], Dict[str, torch.Tensor]], config: dict,
                       device: torch.device, base_auto: bool) -> tuple:
     """(precision, why): fp32 or the device's half precision, whichever runs a training step on the job's
     longest batch faster. With base_dtype auto, a bf16 choice then stores the frozen weights in bf16."""
@@ -284,7 +288,7 @@ def log_setup(run: Run) -> None:
 
 # ----------------------------------------------------------------------------- the loop
 
-def train_loop(run: Run, callbacks=()) -> bool:
+def train_loop(run: Run, callbacks: Sequence[Callable[[dict], Any]] = ()) -> bool:
     """Train until the last epoch (or max_steps); True if Ctrl-C (or a callback's request_stop) interrupted it."""
     training, state = run.config["training"], run.state
     accumulation = training["gradient_accumulation_steps"]
@@ -333,7 +337,9 @@ def train_loop(run: Run, callbacks=()) -> bool:
     return False
 
 
-def progress_bar(run: Run):
+def progress_bar(run: Run) -> tqdm:
+    """The epoch's bar over the training batches: it counts a resumed epoch's batches already done, ends at
+    max_steps, and shows only in a run that saves (rank 0)."""
     state, training = run.state, run.config["training"]
     left_in_epoch = len(run.train_loader)
     left_by_max_steps = (run.total_steps - state["step"]) * training["gradient_accumulation_steps"]
@@ -409,7 +415,7 @@ def end_epoch(run: Run) -> None:
 
 # ----------------------------------------------------------------------------- the command
 
-def train(config: dict, args, callbacks=()) -> int:
+def train(config: dict, args: argparse.Namespace, callbacks: Sequence[Callable[[dict], Any]] = ()) -> int:
     """Claim the output folder, train, write the results. 0 when finished, 130 when interrupted."""
     done = already_done(config, args)
     if done:
@@ -487,8 +493,8 @@ def finish(run: Run) -> None:
 
 # ----------------------------------------------------------------------------- sharing
 
-def push_to_hub(output_dir, hub_model_id, private, metrics_path):
-    """Upload the adapter folder with a generated model card."""
+def push_to_hub(output_dir: str, hub_model_id: str, private: bool, metrics_path: str) -> str:
+    """Upload the adapter folder with a generated model card; returns the repo's URL."""
     with open(metrics_path) as f:
         metrics = json.load(f)
     card = os.path.join(output_dir, "README.md")
@@ -511,7 +517,9 @@ def push_to_hub(output_dir, hub_model_id, private, metrics_path):
     return f"https://huggingface.co/{hub_model_id}"
 
 
-def main(argv=None, callbacks=()):
+def main(argv: Optional[List[str]] = None, callbacks: Sequence[Callable[[dict], Any]] = ()) -> int:
+    """The command: the config from the flags (and YAML), train, optionally push to the Hub. Exit status 0,
+    1 (training diverged or the upload failed), 2 (a bad config) or 130 (Ctrl-C: a checkpoint was saved)."""
     parser = build_arg_parser(__doc__.strip().splitlines()[0])
     args = parser.parse_args(argv)
     try:

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import sys
+from typing import List, Optional, Tuple
 
 from config import ConfigError
 from report import save_figure_atomic
@@ -19,7 +20,7 @@ SWEEP_FIELDS = ("rank", "alpha", "target_modules", "learning_rate", "scaling", "
 
 
 
-def collect_runs(results_dir):
+def collect_runs(results_dir: str) -> Tuple[List[dict], List[str]]:
     """Every training_metrics.json below results_dir: (runs, problems). A file that cannot be read or lacks a
     value the table needs is a problem (the run is skipped), never an abort of the whole table. Hidden folders
     (a run being overwritten is moved aside into one) are not runs."""
@@ -63,7 +64,9 @@ def _run_row(metrics):
 
 
 
-def compare_ranks(results_dir, sort_by=None):
+def compare_ranks(results_dir: str, sort_by: Optional[str] = None) -> List[dict]:
+    """Print a table of every finished run below results_dir, sorted by sort_by (default: the first field that
+    varies), save a bar plot beside them (comparison_<field>.png) and return the rows."""
     if not os.path.isdir(results_dir):
         raise ConfigError(f"results_dir '{results_dir}' does not exist; train some runs into it first")
     runs, problems = collect_runs(results_dir)
@@ -119,7 +122,8 @@ def _plot_comparison(runs, key, path):
 
 
 
-def main(argv=None):
+def main(argv: Optional[List[str]] = None) -> int:
+    """`python utils.py compare_ranks [--results_dir DIR] [--sort_by FIELD]`: exit status 0, or 2 with one line."""
     parser = argparse.ArgumentParser(description="Compare LoRA runs (rank or alpha sweeps).")
     sub = parser.add_subparsers(dest="command", required=True)
     cmp = sub.add_parser("compare_ranks", help="table and plot of every run below --results_dir")
