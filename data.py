@@ -125,8 +125,7 @@ def make_loader(examples: List[dict], collate: Callable[[List[dict]], Dict[str, 
                 shuffle: bool, group_by_length: bool, seed: int, rank: int = 0, world_size: int = 1,
                 num_workers: int = 0) -> torch.utils.data.DataLoader:
     """A DataLoader over LengthGroupedBatchSampler's batches (this rank's share), with its own seeded generator."""
-    key = "input_ids"
-    sampler = LengthGroupedBatchSampler([len(e[key]) for e in examples], batch_size, shuffle,
+    sampler = LengthGroupedBatchSampler([len(e["input_ids"]) for e in examples], batch_size, shuffle,
                                         group_by_length, seed, rank, world_size)
     # Its own generator: creating an iterator draws a seed, and drawing it from the global RNG would shift
     # the dropout masks of a resumed run away from those of an uninterrupted one.

@@ -45,10 +45,11 @@ def read_label_names(adapter_dir: str, num_labels: int) -> List[str]:
         path = os.path.join(folder, "training_metrics.json")
         if os.path.isfile(path):
             try:
-                names = json.load(open(path)).get("label_names")
+                with open(path, encoding="utf-8") as f:
+                    names = json.load(f).get("label_names")
                 if names and len(names) == num_labels:
                     return names
-            except (json.JSONDecodeError, OSError):
+            except (ValueError, OSError, AttributeError):  # bad JSON or UTF-8, unreadable, not an object
                 pass
     return ["negative", "positive"] if num_labels == 2 else [f"label_{i}" for i in range(num_labels)]
 

@@ -19,7 +19,6 @@ if TYPE_CHECKING:
     from train_lora_basic import Run  # a type only: train_lora_basic imports this module
 
 
-
 def library_versions() -> Dict[str, str]:
     """Python's and the main libraries' versions (those installed), recorded with every result."""
     import importlib.metadata as md
@@ -30,7 +29,6 @@ def library_versions() -> Dict[str, str]:
         except md.PackageNotFoundError:
             pass
     return versions
-
 
 
 def machine_description(device: torch.device) -> str:
@@ -44,7 +42,6 @@ def machine_description(device: torch.device) -> str:
     except OSError:
         pass
     return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-
 
 
 def describe_lora_layers(model: torch.nn.Module, compact: bool = False) -> str:
@@ -69,7 +66,6 @@ def peak_memory_mb(device: torch.device) -> float:
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
-
 def format_parameter_table(counts: Dict[str, float]) -> str:
     """count_lora_parameters' counts as an aligned table for the log (the LoRA row only when there is LoRA)."""
     return "\n".join([
@@ -79,7 +75,6 @@ def format_parameter_table(counts: Dict[str, float]) -> str:
         f"{'  of which LoRA':<22}{counts['lora']:>14,}" if counts["lora"] else "",
         f"{'Trainable %':<22}{counts['percentage']:>13.4f}%",
     ]).replace("\n\n", "\n")
-
 
 
 def plot_training_curves(history: dict, path: str, metric_name: str) -> None:
@@ -104,7 +99,6 @@ def plot_training_curves(history: dict, path: str, metric_name: str) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     save_figure_atomic(fig, path)
-
 
 
 def save_figure_atomic(fig: "Figure", path: str) -> None:

@@ -214,7 +214,6 @@ def point_latest_run(output_dir: str) -> None:
         log.info(f"could not point '{LATEST_RUN_LINK}' at {output_dir} ({e})")
 
 
-
 # ----------------------------------------------------------------------------- Ctrl-C, divergence
 
 _STOP_REQUESTED = False  # set by Ctrl-C (or a callback); the loop checks it after every optimizer step
