@@ -12,6 +12,7 @@
   components are masked until the total budget is reached.
 """
 
+import io
 from typing import Dict, List
 
 import torch
@@ -77,20 +78,11 @@ def int8_dynamic(model: nn.Module) -> nn.Module:
 
 
 def state_bytes(model: nn.Module) -> int:
-    """Bytes of the tensors in the state dict (int8 packed weights included)."""
-    total = 0
-    for value in model.state_dict().values():
-        if torch.is_tensor(value):
-            total += value.numel() * value.element_size()
-        elif isinstance(value, tuple):  # packed quantized params: (weight, bias)
-            total += sum(v.numel() * v.element_size() for v in value if torch.is_tensor(v))
-    for module in model.modules():  # dynamic-quantized Linear keeps its packed weight outside the tensors above
-        packed = getattr(module, "_packed_params", None)
-        if packed is not None:
-            weight, bias = packed._weight_bias()
-            total += weight.numel() * weight.element_size() + (bias.numel() * bias.element_size() if bias is not None
-                                                               else 0)
-    return total
+    """Bytes of the model's state dict as torch.save writes it: int8 weights take one byte each, pruned
+    weights still take their dense size (zeros stored as zeros; a sparse format would be a separate step)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    return buffer.getbuffer().nbytes
 
 
 class RankAllocator:
