@@ -29,7 +29,8 @@ from assets import FALLBACK_DATASETS, FALLBACK_MODELS
 from lora_linear import B_INITS, BIAS_MODES, SCALING_MODES
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # number formats a run computes (precision) or stores (base_dtype) in
-MAX_INT = 2**31 - 1  # 1e30 would otherwise reach the model as a huge tensor size
+MAX_INT = 2**31 - 1
+COMPILE_PAD_MULTIPLE = 32  # compiled runs pad batches to a multiple of this: a handful of shapes, each compiled once  # 1e30 would otherwise reach the model as a huge tensor size
 # The course's flag spellings.
 ALIASES = {"model": "model_name", "epochs": "num_epochs", "lr": "learning_rate", "output": "output_dir"}
 RESULTS_ROOT, LOGS_ROOT = "results", "logs"  # where runs without an explicit path go (the course's ./results, ./logs)
@@ -85,6 +86,10 @@ class TrainingSettings:
     max_steps: int = key(0, "stop after this many optimizer steps; 0: no limit", low=0)
     group_by_length: bool = key(True, "batches of similar length, padded only to their longest")
     pad_to_max_length: bool = key(False, "pad every batch to max_length (the course's way; slower)")
+    compile: bool = key(False, "torch.compile the training step (on CUDA mode reduce-overhead: CUDA graphs replay "
+                               "each step without Python launching kernels); batches are padded to multiples of "
+                               f"{COMPILE_PAD_MULTIPLE} tokens so that few shapes compile. Pays back only over "
+                               "many steps")
     num_workers: int = key(0, "DataLoader worker processes", low=0)
 
 

@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from config import ConfigError
+from config import COMPILE_PAD_MULTIPLE, ConfigError
 from sources import load_splits
 
 
@@ -152,8 +152,11 @@ def build_datasets(config: dict, tokenizer: Any, splits: Optional[tuple] = None)
                               f"{config['num_labels']}; set num_labels: {len(label_map)}")
         evaluation, _ = tokenize_classification(eval_rows, tokenizer, columns, max_length, label_map)
         # pad_to_max_length reproduces the seed course (every batch max_length long) for comparison
+        # compile: lengths rounded up to a multiple, so the compiled step sees a few shapes, not one per batch
         collate = DataCollatorWithPadding(tokenizer, padding="max_length" if config["training"]["pad_to_max_length"]
-                                          else "longest", max_length=max_length)
+                                          else "longest", max_length=max_length,
+                                          pad_to_multiple_of=COMPILE_PAD_MULTIPLE if config["training"]["compile"]
+                                          else None)
     else:
         train = tokenize_causal_lm(train_rows, tokenizer, columns[0], max_length)
         evaluation = tokenize_causal_lm(eval_rows, tokenizer, columns[0], max_length)

@@ -163,6 +163,16 @@ def load_model(config: dict, base_dtype: str, prepare: Optional[Callable[[nn.Mod
     return trainable_to_fp32(mark_only_lora_as_trainable(model, bias=lora["bias"])), tokenizer, provenance
 
 
+def compiled_step_model(model: nn.Module, world_size: int, device: torch.device) -> nn.Module:
+    """The model as the training step calls it, compiled: fixed shapes (dynamic=False; the batches are padded
+    to a few lengths), and on CUDA mode reduce-overhead, whose CUDA graphs replay a whole step's kernels at
+    once instead of Python launching each (a small-batch GPU step otherwise waits on those launches).
+    Evaluation keeps the eager model: its batches have other shapes."""
+    if world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model)
+    return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
+
+
 def plan_precision(config: dict, device: torch.device, world_size: int, resume: bool) -> tuple:
     """(precision, why, measure, base_auto). auto on a device with a native half precision is measured once the
     model is built (measure); a resumed run continues in the precision it started in. Sets base_dtype auto
@@ -245,7 +255,8 @@ def build_run(config: dict, device: torch.device, rank: int = 0, world_size: int
     scheduler = get_linear_schedule_with_warmup(optimizer, int(training["warmup_ratio"] * total_steps), total_steps)
     run = Run(
         config=config, model=model, tokenizer=tokenizer, eval_model=eval_model,
-        step_model=nn.parallel.DistributedDataParallel(eval_model) if world_size > 1 else eval_model,
+        step_model=compiled_step_model(eval_model, world_size, device) if training["compile"] else
+        nn.parallel.DistributedDataParallel(eval_model) if world_size > 1 else eval_model,
         train_loader=train_loader, eval_loader=eval_loader, optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,  # fp16 gradients underflow
         trainable=[p for p in model.parameters() if p.requires_grad], total_steps=total_steps,

@@ -254,3 +254,23 @@ def test_causal_lm_data_is_cut_into_full_blocks_without_padding(tiny_assets):
     assert len(stream) == 14 and len(blocks) == 14 // 4  # the last 2 tokens do not fill a block: dropped
     assert all(len(b["input_ids"]) == 4 for b in blocks)  # every block full: no padding to train on
     assert [t for b in blocks for t in b["input_ids"]] == stream[:12]
+
+
+@pytest.mark.slow
+def test_compiled_step_trains_like_the_eager_one_on_padded_buckets(tiny_assets, tmp_path):
+    """--compile: the same losses as eager (padding to a multiple of 32 is masked out), every training batch a
+    multiple of 32 tokens long, so a handful of shapes compile."""
+    from config import build_arg_parser, load_config
+    from data import build_datasets, make_loader
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    args = ("--epochs", "1", "--dropout", "0", "--precision", "fp32")
+    assert train_lora_basic.main(bert_args(tiny_assets, eager, *args)) == 0
+    assert train_lora_basic.main(bert_args(tiny_assets, compiled, *args, "--compile")) == 0
+    for a, b in zip(metrics_of(eager)["history"]["train"], metrics_of(compiled)["history"]["train"]):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-4)
+    config = load_config(build_arg_parser("").parse_args(bert_args(tiny_assets, tmp_path / "x", "--compile")))
+    from sources import load_base_model
+    _, tokenizer, _ = load_base_model(config["model_name"], "classification")
+    train, _, collate, _, _ = build_datasets(config, tokenizer)
+    lengths = {batch["input_ids"].shape[1] for batch in make_loader(train, collate, 16, True, True, 0)}
+    assert lengths and all(length % 32 == 0 for length in lengths)
