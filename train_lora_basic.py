@@ -325,7 +325,8 @@ def train_loop(run: Run, callbacks: Sequence[Callable[[dict], Any]] = ()) -> boo
             optimizer_step(run)
             state["step"] += 1
             # log: the mean loss since the last log line (read from the device only here)
-            if state["step"] % training["logging_steps"] == 0 or state["step"] == run.total_steps:
+            logging_steps = training["logging_steps"]  # 0: only the last step is logged
+            if logging_steps and state["step"] % logging_steps == 0 or state["step"] == run.total_steps:
                 run.sums.flush()
                 entry = run.record.train_window(run.total_steps, run.scheduler.get_last_lr()[0],
                                                 run.task == "classification")
