@@ -270,9 +270,7 @@ class StepSums:
         evaluation or save can see the diverged weights."""
         if not self.items:
             return
-        loss_sum, correct = self.sums.tolist()
-        if not math.isfinite(loss_sum):
-            raise TrainingDiverged(f"loss became {loss_sum} by step {self.state['step']}")
+        loss_sum, correct = self._read()
         for sums in (self.state["window"], self.state["epoch_sums"]):
             sums[0], sums[1], sums[2] = sums[0] + loss_sum, sums[1] + correct, sums[2] + self.items
         self.sums.zero_()
@@ -281,9 +279,14 @@ class StepSums:
     def park(self) -> None:
         """Keep unflushed sums in the state as they are (for the checkpoint): flushing them now would add them
         up in another order than an uninterrupted run does, and its logged losses would differ in the last bit."""
-        self.state["pending"] = self.sums.tolist() + [self.items]
-        if not math.isfinite(self.state["pending"][0]):
-            raise TrainingDiverged(f"loss became {self.state['pending'][0]} by step {self.state['step']}")
+        self.state["pending"] = self._read() + [self.items]
+
+    def _read(self) -> list:
+        """The sums on the host (the one sync); a nan or inf loss is a diverged run."""
+        loss_sum, correct = self.sums.tolist()
+        if not math.isfinite(loss_sum):
+            raise TrainingDiverged(f"loss became {loss_sum} by step {self.state['step']}")
+        return [loss_sum, correct]
 
 
 class RunRecord:

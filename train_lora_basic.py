@@ -263,13 +263,12 @@ def build_run(config: dict, device: torch.device, rank: int = 0, world_size: int
         precision=precision, precision_reason=precision_reason, device=device, world_size=world_size,
         saves=saves, provenance={"model": model_provenance, "data": data_provenance},
         counts=count_lora_parameters(model))
-    run.state["precision"] = precision
     if resume:
         run.state = load_checkpoint(config["output_dir"], model, optimizer, scheduler, run.scaler, config)
         run.state.setdefault("window", [0.0, 0.0, 0])
-        run.state["precision"] = precision
         log.info(f"resumed from step {run.state['step']} (epoch {run.state['epoch'] + 1}, "
                  f"batch {run.state['batch_in_epoch']})")
+    run.state["precision"] = precision  # the checkpoint marker records it: a resumed run continues in it
     run.sums = StepSums(device, run.state)
     # purge_step: TensorBoard drops events a killed run logged after its checkpoint, not showing them twice
     run.record = RunRecord(run.state, config["logging_dir"] if saves else None,
@@ -409,8 +408,7 @@ def end_epoch(run: Run) -> None:
     """The epoch's evaluation and summary line, then a checkpoint (unless it was the last epoch: the final
     adapter follows)."""
     state, task = run.state, run.task
-    run.sums.flush()
-    result = evaluate_and_record(run)
+    result = evaluate_and_record(run)  # flushes the step sums into the epoch's first
     sums = state["epoch_sums"]
     summary = {"epoch": state["epoch"] + 1, "step": state["step"], "train_loss": sums[0] / max(sums[2], 1),
                **({"train_accuracy": sums[1] / max(sums[2], 1)} if task == "classification" else {}),
