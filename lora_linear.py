@@ -82,6 +82,42 @@ def lora_scaling(rank: int, alpha: float, scaling_mode: str = "standard") -> flo
     return {"standard": alpha / rank, "rslora": alpha / math.sqrt(rank), "none": 1.0}[scaling_mode]
 
 
+def _kept(t: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """Inverted dropout with a given mask: t where kept, scaled by 1 / (1 - p), else 0."""
+    return (t * keep).mul_(1.0 / (1.0 - p))
+
+
+class _DropoutThenA(torch.autograd.Function):
+    """A dropout(x), (*, in) -> (*, n*r), keeping for backward only x and a one-byte mask.
+
+    Autograd would keep dropout(x) (A's gradient needs it) and a mask of x's size in x's dtype, for every LoRA
+    layer. This keeps x, shared by the LoRA layers that read it, and a bool mask, and rebuilds dropout(x) with
+    one multiply. SmolLM2 with LoRA on q_proj and v_proj, fp32: 9.2 of the 38.4 KB autograd keeps per token and
+    layer were dropout's; this keeps 3.5 in their place."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:
+        keep = torch.rand(x.shape, device=x.device) >= p  # fp32 draws: a bf16 draw would round p
+        dropped = _kept(x, keep, p)
+        autocast = torch.is_autocast_enabled(x.device.type)  # autocast runs the matmul in bf16 anyway
+        ctx.compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else A.dtype
+        ctx.p = p
+        ctx.save_for_backward(x, keep, A)
+        return F.linear(dropped if autocast else dropped.to(A.dtype), A)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
+        x, keep, A = ctx.saved_tensors
+        grad_out = grad_out.to(ctx.compute_dtype)
+        grad_x = grad_A = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _kept((grad_out @ A.to(ctx.compute_dtype)).to(x.dtype), keep, ctx.p)
+        if ctx.needs_input_grad[1]:
+            dropped = _kept(x, keep, ctx.p).to(ctx.compute_dtype)  # the forward's dropout(x), bit for bit
+            grad_A = (grad_out.reshape(-1, grad_out.shape[-1]).T @ dropped.reshape(-1, x.shape[-1])).to(A.dtype)
+        return grad_x, grad_A, None
+
+
 class LoRALayer(nn.Module):
     """The update alone: x -> s * B(A(dropout(x))). Section 4.1 of the paper.
 
@@ -141,10 +177,12 @@ class LoRALayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """s * B A dropout(x), (*, in) -> (*, out): the low-rank path of h = W0 x + s B A x (Section 4.1)."""
-        x = self.dropout(x)  # in the input's dtype: under bf16 autocast that keeps bf16, not an fp32 copy, for backward
-        if not torch.is_autocast_enabled(x.device.type):  # autocast runs the matmul in bf16 anyway
-            x = x.to(self.lora_A.dtype)
-        after_A = F.linear(x, self.lora_A)
+        if self.training and isinstance(self.dropout, nn.Dropout):  # A dropout(x), keeping less for backward
+            after_A = _DropoutThenA.apply(x, self.lora_A, self.dropout.p)
+        else:  # no dropout (eval mode, or p = 0)
+            if not torch.is_autocast_enabled(x.device.type):  # autocast runs the matmul in bf16 anyway
+                x = x.to(self.lora_A.dtype)
+            after_A = F.linear(x, self.lora_A)
         if self.parts is None:
             return F.linear(after_A, self.lora_B) * self.scaling
         pieces = [F.linear(a, B) for a, B in zip(after_A.split(self.rank, -1), self.lora_B.split(self.part_size))]

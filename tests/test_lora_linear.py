@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from conftest import BUILDERS, model_output, randomize_lora_B, tiny_bert, tiny_gpt2, tiny_llama
 
-from lora_linear import (AdapterError, LinearWithLoRA, LoRALayer, apply_lora_to_model, count_lora_parameters,
+from lora_linear import (AdapterError, _DropoutThenA, _kept, LinearWithLoRA, LoRALayer, apply_lora_to_model, count_lora_parameters,
                          get_lora_state_dict, load_adapter, load_lora_state_dict, lora_disabled, lora_layers,
                          mark_only_lora_as_trainable, merge_and_unload, merge_lora_weights, save_adapter,
                          unmerge_lora_weights)
@@ -92,6 +92,53 @@ def test_dropout_acts_only_in_training_mode():
     # the frozen path is never dropped: with B = 0 training and eval agree
     zero = LinearWithLoRA(nn.Linear(64, 64), rank=4, dropout=0.5).train()
     torch.testing.assert_close(zero(x), zero.base_layer(x))
+
+
+def test_dropout_path_gradients_match_autograd_through_the_same_mask():
+    """The lean dropout (x and a one-byte mask kept for backward) computes what autograd would."""
+    x = torch.randn(3, 5, 16, dtype=torch.double, requires_grad=True)
+    A = torch.randn(4, 16, dtype=torch.double, requires_grad=True)
+    layer_path = lambda x, A: (torch.manual_seed(0), _DropoutThenA.apply(x, A, 0.3))[1]  # the same mask each call
+    assert torch.autograd.gradcheck(layer_path, (x, A))
+    torch.manual_seed(0)
+    keep = torch.rand(x.shape) >= 0.3  # the mask it draws
+    reference = nn.functional.linear(x * keep / 0.7, A)
+    torch.testing.assert_close(layer_path(x, A), reference)
+    assert 0.2 < 1 - keep.double().mean() < 0.4  # about p dropped
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16])
+def test_dropout_path_under_bf16_autocast_matches_autograd(x_dtype):
+    x = torch.randn(4, 7, 32).to(x_dtype).requires_grad_()
+    A = torch.randn(8, 32, requires_grad=True)  # LoRA weights stay fp32 on a bf16 base
+    with torch.autocast("cpu", torch.bfloat16):
+        torch.manual_seed(1)
+        out = _DropoutThenA.apply(x, A, 0.2)
+        torch.manual_seed(1)
+        reference = nn.functional.linear(_kept(x, torch.rand(x.shape) >= 0.2, 0.2), A)
+    grad = torch.randn_like(out)
+    for mine, theirs in zip(torch.autograd.grad(out, (x, A), grad), torch.autograd.grad(reference, (x, A), grad)):
+        assert mine.dtype == theirs.dtype
+        torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+def test_dropout_keeps_only_its_input_and_a_byte_mask_for_backward():
+    """A training LoRA layer with dropout keeps x (which the base layer's neighbours share) and a bool mask,
+    not a dropped copy of x plus a float mask: a quarter of a causal LM's activation memory."""
+    layer = LinearWithLoRA(nn.Linear(256, 256), rank=8, dropout=0.1).train()
+    mark_only_lora_as_trainable(layer)
+    x = torch.randn(64, 256, requires_grad=True)
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+    kept = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x).sum().backward()
+    x_bytes = x.numel() * x.element_size()
+    assert sum(kept.values()) <= x_bytes + x.numel() + 64 * 8 * 4  # x, the mask, A x (rank 8)
 
 
 # --------------------------------------------------------------------------- model surgery
