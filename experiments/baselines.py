@@ -4,6 +4,9 @@
   bottleneck (down-projection to m dimensions, nonlinearity, up-projection, skip connection) after the attention
   output projection and after the feed-forward output of every layer, before the residual and LayerNorm; the up
   projection starts at zero so training starts from the pretrained model; adapters, LayerNorms and the head train.
+- Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation", Section 4.2), as
+  P-tuning v2 (Liu et al. 2022, Section 3.2) and PEFT's prefix tuning apply it to an encoder classifier: learned
+  keys and values for a few virtual tokens, prepended to every layer's self-attention; prefix and head train.
 - Magnitude pruning and int8 quantization of a (merged) model: the usual ways to shrink a model after training,
   against which Q8 sets merging.
 - Importance-driven rank allocation during training (AdaLoRA's idea, Zhang et al. 2023, Section 3.2-3.3): every
@@ -48,16 +51,73 @@ def add_houlsby_adapters(model: nn.Module, bottleneck: int = 8) -> nn.Module:
     targets = [name for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and name.endswith(("attention.output.dense", ".output.dense"))
                and ".layer." in name]
-    for name in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name)
-        setattr(parent, child, HoulsbyAdapter(getattr(parent, child), bottleneck))
+    _wrap(model, targets, lambda layer: HoulsbyAdapter(layer, bottleneck))
     for name, module in model.named_modules():
         if isinstance(module, (HoulsbyAdapter, nn.LayerNorm)) or name == "classifier":
             for param_name, param in module.named_parameters():
                 if not param_name.startswith("wrapped."):
                     param.requires_grad = True
     return model
+
+
+def _wrap(model: nn.Module, names: List[str], wrapper) -> None:
+    """Replace each named submodule by wrapper(submodule)."""
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, wrapper(getattr(parent, child)))
+
+
+class PrefixSelfAttention(nn.Module):
+    """The wrapped self-attention over [prefix; tokens]: `num_virtual_tokens` learned keys and values per head,
+    attended to by every real token (Li & Liang 2021, Section 4.2: the prefix's activations, free parameters).
+
+    The hook is the one transformers gives every attention for past keys and values: BertSelfAttention computes
+    its keys and values, passes them to cache.update(), and attends to what that returns. This module is that
+    cache: it returns [prefix; keys], [prefix; values], a past that never grows, and the attention itself
+    (scaling, dropout, eager or sdpa) stays transformers' own. The mask it is given covers the real keys only,
+    so the prefix's columns are put in front: attended to by every query, while padded keys stay masked.
+    """
+
+    def __init__(self, wrapped: nn.Module, num_virtual_tokens: int):
+        super().__init__()
+        self.wrapped = wrapped
+        shape = (wrapped.num_attention_heads, num_virtual_tokens, wrapped.attention_head_size)
+        # N(0, 1), as PEFT's prefix encoder (an nn.Embedding) starts: the prefix changes the model from step 0
+        self.prefix_key = nn.Parameter(torch.randn(shape))
+        self.prefix_value = nn.Parameter(torch.randn(shape))
+
+    def forward(self, hidden_states, attention_mask=None, cache=None, **kwargs):
+        if cache is not None:
+            raise ValueError("prefix tuning here is for encoders: no decoding cache")
+        if attention_mask is not None:  # None: no padding, every query attends to every key, prefix included
+            # (batch, 1, queries, keys): additive floats for eager (0 = attend), booleans for sdpa (True = attend)
+            shape = (*attention_mask.shape[:-1], self.prefix_key.shape[1])
+            attend = (attention_mask.new_zeros(shape) if attention_mask.is_floating_point()
+                      else attention_mask.new_ones(shape))
+            attention_mask = torch.cat([attend, attention_mask], dim=-1)
+        return self.wrapped(hidden_states, attention_mask=attention_mask, cache=self, **kwargs)
+
+    def update(self, key: torch.Tensor, value: torch.Tensor, layer_idx, **kwargs):
+        """Called by the wrapped attention with its (batch, heads, tokens, head size) keys and values."""
+        def prepend(prefix, states):
+            return torch.cat([prefix.to(states.dtype).expand(states.shape[0], -1, -1, -1), states], dim=2)
+        return prepend(self.prefix_key, key), prepend(self.prefix_value, value)
+
+
+def add_prefix_tuning(model: nn.Module, num_virtual_tokens: int = 20) -> nn.Module:
+    """A prefix in every BERT self-attention; train the prefixes and the classification head (as PEFT's SEQ_CLS
+    does), freeze the rest. The prefixes are trained directly, without Li & Liang's reparameterisation MLP
+    (Section 4.3): P-tuning v2 (Section 3.3) finds it helps or not depending on the task for NLU, PEFT leaves
+    it off by default, and without it the trainable parameters are the prefix itself (layers x 2 x tokens x
+    hidden)."""
+    for param in model.parameters():
+        param.requires_grad = False
+    targets = [name for name, _ in model.named_modules() if name.endswith("attention.self")]
+    _wrap(model, targets, lambda attention: PrefixSelfAttention(attention, num_virtual_tokens))
+    for param in model.get_submodule("classifier").parameters():
+        param.requires_grad = True
+    return model  # the new prefix parameters are trainable by default
 
 
 def magnitude_prune(model: nn.Module, fraction: float) -> nn.Module:
