@@ -92,8 +92,8 @@ class _DropoutThenA(torch.autograd.Function):
 
     Autograd would keep dropout(x) (A's gradient needs it) and a mask of x's size in x's dtype, for every LoRA
     layer. This keeps x, shared by the LoRA layers that read it, and a bool mask, and rebuilds dropout(x) with
-    one multiply. SmolLM2 with LoRA on q_proj and v_proj, fp32: 9.2 of the 38.4 KB autograd keeps per token and
-    layer were dropout's; this keeps 3.5 in their place."""
+    one multiply. SmolLM2 with LoRA on q_proj and v_proj, fp32 (experiments/results/q7_saved.json): the LoRA layers
+    kept 8.91 of the 37.55 KB kept per token and layer; with this, 3.44 (x alone: 2.31)."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:

@@ -9,6 +9,7 @@ Experiments behind discussion.md. One subcommand per question; each writes exper
     python experiments/run.py q5_scaling                                     # alpha/r vs none vs rsLoRA
     python experiments/run.py q6_merge_precision --adapter_dir expected_output
     python experiments/run.py q7_memory                                      # memory and time per step
+    python experiments/run.py q7_saved                                       # what autograd keeps, causal LM
     python experiments/run.py q8_inference --adapter_dir expected_output     # merged vs pruned vs int8
     python experiments/run.py q10_methods                                    # LoRA, BitFit, full FT, IA3, prefix
     python experiments/run.py q11_dynamic_rank                               # rank allocated by singular values
@@ -456,6 +457,63 @@ def q7_memory(args):
                        "time": "mean of steps 2 and 3 (step 1 warms up)", "rows": rows})
 
 
+def q7_saved(args):
+    """What autograd keeps for backward on the causal track, by module, per token and layer: SmolLM2-135M, LoRA
+    r=8 on q_proj+v_proj, fp32, one sequence of 256 tokens. Every tensor a saved-tensor hook sees that is not a
+    parameter, counted once per storage; LoRA dropout 0, 0.05 as autograd would keep it (nn.Dropout, then A),
+    and 0.05 as lora_linear keeps it (_DropoutThenA: x and a one-byte mask)."""
+    import collections
+    import torch.nn.functional as F
+    import lora_linear
+    from losses import ChunkedCausalLM
+    from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
+    from sources import load_base_model
+
+    def autograd_dropout(x, A, p):  # what F.linear(nn.Dropout(p)(x), A) keeps: dropout(x) and a float mask
+        return F.linear(F.dropout(x, p, training=True), A)
+
+    tokens, rows = 256, []
+    for label, dropout, lean in (("no LoRA dropout", 0.0, True), ("dropout 0.05, autograd's", 0.05, False),
+                                 ("dropout 0.05, _DropoutThenA", 0.05, True)):
+        torch.manual_seed(0)
+        model, _, _ = load_base_model("smollm2", "causal_lm", 2, "auto", "fp32")
+        mark_only_lora_as_trainable(apply_lora_to_model(model, ["q_proj", "v_proj"], 8, 16, dropout)).train()
+        layers = model.config.num_hidden_layers
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        where, kept = ["outside the layers"], collections.Counter()
+        for name, module in model.named_modules():  # which kind of module is running: mlp, self_attn, ...
+            parts = name.split(".")
+            if len(parts) == 4 and parts[1] == "layers" or name.endswith(("q_proj.lora", "v_proj.lora")):
+                kind = "LoRA on q_proj, v_proj" if name.endswith("lora") else parts[3]
+                module.register_forward_pre_hook(lambda *_, kind=kind: where.append(kind))
+                module.register_forward_hook(lambda *_: where.pop() and None)
+        seen = set()
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in params and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())
+                kept[where[-1]] += storage.nbytes()
+            return tensor
+        ids = torch.randint(100, 40000, (1, tokens))
+        original = lora_linear._DropoutThenA.apply
+        lora_linear._DropoutThenA.apply = original if lean else autograd_dropout
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+                ChunkedCausalLM(model)(input_ids=ids, labels=ids)
+        finally:
+            lora_linear._DropoutThenA.apply = original
+        per = {kind: round(n / tokens / layers / 1024, 2) for kind, n in sorted(kept.items())}
+        rows.append({"setup": label, "kb_per_token_per_layer": per,
+                     "total_kb_per_token_per_layer": round(sum(kept.values()) / tokens / layers / 1024, 2),
+                     "gb_at_8x512": round(sum(kept.values()) / tokens * 8 * 512 / 1e9, 2)})
+        print(rows[-1], flush=True)
+    save("q7_saved", {"model": "SmolLM2-135M (bundled), LoRA r=8 q_proj+v_proj, fp32, training mode",
+                      "tokens": tokens, "layers": layers,
+                      "counted": "tensors saved for backward that are not parameters, once per storage (KB = 1024 B)",
+                      "rows": rows})
+
+
 def q7_child(mode: str) -> dict:
     """One setup of q7_memory, run by harness.measure_in_child in a process of its own."""
     from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
@@ -573,7 +631,7 @@ def q11_adaptive_rank(args):
 
 
 COMMANDS = {f.__name__: f for f in (q1_spectrum, q2_rank, q3_init_B, q4_targets, q5_scaling, q6_merge_precision,
-                                    q7_memory, q8_inference, q10_methods, q10_lr, q11_dynamic_rank,
+                                    q7_saved, q7_memory, q8_inference, q10_methods, q10_lr, q11_dynamic_rank,
                                     q11_adaptive_rank, q12_vit)}
 
 
