@@ -459,25 +459,30 @@ def q7_memory(args):
 
 def q7_saved(args):
     """What autograd keeps for backward on the causal track, by module, per token and layer: SmolLM2-135M, LoRA
-    r=8 on q_proj+v_proj, fp32, one sequence of 256 tokens. Every tensor a saved-tensor hook sees that is not a
+    r=8 on q_proj+v_proj, one sequence of 256 tokens. Every tensor a saved-tensor hook sees that is not a
     parameter, counted once per storage; LoRA dropout 0, 0.05 as autograd would keep it (nn.Dropout, then A),
-    and 0.05 as lora_linear keeps it (_DropoutThenA: x and a one-byte mask)."""
+    and 0.05 as lora_linear keeps it (_DropoutThenA: x and a one-byte mask), in fp32 and as a bf16 run trains
+    (frozen weights stored in bf16, bf16 autocast; what is kept does not depend on the CPU, only the time)."""
     import collections
     import torch.nn.functional as F
     import lora_linear
     from losses import ChunkedCausalLM
     from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
+    from precision import autocast_context, trainable_to_fp32
     from sources import load_base_model
 
     def autograd_dropout(x, A, p):  # what F.linear(nn.Dropout(p)(x), A) keeps: dropout(x) and a float mask
         return F.linear(F.dropout(x, p, training=True), A)
 
     tokens, rows = 256, []
-    for label, dropout, lean in (("no LoRA dropout", 0.0, True), ("dropout 0.05, autograd's", 0.05, False),
-                                 ("dropout 0.05, _DropoutThenA", 0.05, True)):
+    for label, dropout, lean, precision in (("no LoRA dropout", 0.0, True, "fp32"),
+                                            ("dropout 0.05, autograd's", 0.05, False, "fp32"),
+                                            ("dropout 0.05, _DropoutThenA", 0.05, True, "fp32"),
+                                            ("dropout 0.05, _DropoutThenA, bf16", 0.05, True, "bf16")):
         torch.manual_seed(0)
-        model, _, _ = load_base_model("smollm2", "causal_lm", 2, "auto", "fp32")
-        mark_only_lora_as_trainable(apply_lora_to_model(model, ["q_proj", "v_proj"], 8, 16, dropout)).train()
+        model, _, _ = load_base_model("smollm2", "causal_lm", 2, "auto", precision)
+        trainable_to_fp32(mark_only_lora_as_trainable(apply_lora_to_model(model, ["q_proj", "v_proj"], 8, 16,
+                                                                          dropout))).train()
         layers = model.config.num_hidden_layers
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         where, kept = ["outside the layers"], collections.Counter()
@@ -499,7 +504,8 @@ def q7_saved(args):
         original = lora_linear._DropoutThenA.apply
         lora_linear._DropoutThenA.apply = original if lean else autograd_dropout
         try:
-            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
+                    autocast_context(precision, torch.device("cpu")):
                 ChunkedCausalLM(model)(input_ids=ids, labels=ids)
         finally:
             lora_linear._DropoutThenA.apply = original
@@ -508,7 +514,7 @@ def q7_saved(args):
                      "total_kb_per_token_per_layer": round(sum(kept.values()) / tokens / layers / 1024, 2),
                      "gb_at_8x512": round(sum(kept.values()) / tokens * 8 * 512 / 1e9, 2)})
         print(rows[-1], flush=True)
-    save("q7_saved", {"model": "SmolLM2-135M (bundled), LoRA r=8 q_proj+v_proj, fp32, training mode",
+    save("q7_saved", {"model": "SmolLM2-135M (bundled), LoRA r=8 q_proj+v_proj, training mode",
                       "tokens": tokens, "layers": layers,
                       "counted": "tensors saved for backward that are not parameters, once per storage (KB = 1024 B)",
                       "rows": rows})
