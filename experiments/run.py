@@ -14,7 +14,7 @@ Experiments behind discussion.md. One subcommand per question; each writes exper
     python experiments/run.py q10_methods                                    # LoRA, BitFit, full FT, IA3, prefix
     python experiments/run.py q11_dynamic_rank                               # rank allocated by singular values
     python experiments/run.py q11_adaptive_rank                              # rank reallocated during training
-    python experiments/run.py q12_vit                                        # where LoRA goes in a ViT
+    python experiments/run.py q12_vit --seeds 42 43 44                       # ViT: LoRA layers; transfer on digits
 
 Training subcommands take --seeds (e.g. --seeds 42 43 44) and report mean and standard deviation. They use the
 bundled MiniLM and Rotten Tomatoes sentences with a reduced budget (BUDGET below, stated in each result): Q2-Q5
@@ -226,20 +226,6 @@ def q6_merge_precision(args):
             "max_abs_logit_difference": (merged - unmerged).abs().max().item(),
             "predictions_changed": int((merged.argmax(-1) != unmerged.argmax(-1)).sum()), "sentences": 64}
     save("q6_merge_precision", result)
-
-
-def q12_vit(args):
-    """LoRA on a Vision Transformer: which layers and how many parameters (random weights: no accuracy)."""
-    from transformers import ViTConfig, ViTForImageClassification
-    from lora_linear import apply_lora_to_model, count_lora_parameters, lora_layers, mark_only_lora_as_trainable
-    with torch.device("meta"):
-        model = ViTForImageClassification(ViTConfig(num_labels=10))  # ViT-B/16 dimensions
-    apply_lora_to_model(model, None, rank=8, alpha=16)  # default for ViT: q_proj, v_proj (transformers 5 names)
-    mark_only_lora_as_trainable(model)
-    counts = count_lora_parameters(model)
-    save("q12_vit", {"config": "ViT-B/16 dimensions, 10 classes, random weights (no pretrained ViT offline)",
-                     "targets": sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)}),
-                     "wrapped_layers": len(lora_layers(model)), **counts})
 
 
 # ----------------------------------------------------------------------------- Q10, Q11: one loop for every method
@@ -634,6 +620,144 @@ def q11_adaptive_rank(args):
         rows.append(row)
         print({k: v for k, v in row.items() if k != "runs"}, flush=True)
     save("q11_adaptive_rank", {"budget": " ".join(BUDGET), "seeds": args.seeds, "rows": rows})
+
+
+# ----------------------------------------------------------------------------- Q12: LoRA on a Vision Transformer
+
+# No pretrained ViT can be loaded offline, so Q12 makes its own "pretrained" model: a tiny ViT trained on real
+# handwritten digits 0-4 (scikit-learn's bundled 8x8 digits), then adapted to digits 5-9 with a new head.
+TINY_VIT = dict(image_size=8, patch_size=2, num_channels=1, hidden_size=64, num_hidden_layers=4,
+                num_attention_heads=4, intermediate_size=128, num_labels=5)
+# Every adaptation method gets the same 300 steps of 32 images; pretraining gets more, to start from a model that
+# has learned its own task well, as a real pretrained one has.
+Q12_STEPS, Q12_PRETRAIN_STEPS, Q12_BATCH = 300, 1000, 32
+# Transfer matters most when the new task has few labels: adapt on all the 5-9 training images and on 10 per class.
+Q12_PER_CLASS = (None, 10)
+# Each method's own learning rate, set once and not tuned on the test split: the methods that train only a few
+# new parameters (head, LoRA) take a larger one than those that move every weight.
+Q12_LR = {"pretrain": 1e-3, "lora": 5e-3, "head": 5e-3, "full": 1e-3, "scratch": 1e-3}
+
+
+def _digits(classes):
+    """Stratified train/test split (70/30, fixed: the same for every seed) of the real 8x8 digits in `classes`,
+    pixels scaled to [-1, 1], labels renumbered 0..len(classes)-1."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    digits = load_digits()
+    keep = [t in classes for t in digits.target]
+    x = torch.tensor(digits.images[keep], dtype=torch.float32).unsqueeze(1) / 8 - 1  # 0..16 -> -1..1
+    y = torch.tensor(digits.target[keep]) - min(classes)
+    train, test = train_test_split(range(len(y)), test_size=0.3, stratify=y.numpy(), random_state=0)
+    return (x[train], y[train]), (x[test], y[test])
+
+
+def _tiny_vit(seed):
+    from transformers import ViTConfig, ViTForImageClassification
+    torch.manual_seed(seed)
+    return ViTForImageClassification(ViTConfig(**TINY_VIT))
+
+
+def _first_per_class(data, n):
+    """The first n training images of every class (all of them for n=None): a fixed subset, as the split is."""
+    x, y = data
+    if n is None:
+        return data
+    keep = torch.cat([torch.nonzero(y == c).flatten()[:n] for c in y.unique()])
+    return x[keep], y[keep]
+
+
+def _fit(model, data, lr, seed, steps=Q12_STEPS):
+    """`steps` AdamW steps of Q12_BATCH random images (drawn with replacement) on the parameters that require
+    grad."""
+    x, y = data
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for _ in range(steps):
+        batch = torch.randint(len(x), (Q12_BATCH,), generator=generator)
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=x[batch]).logits, y[batch])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model
+
+
+@torch.no_grad()
+def _logits(model, x):
+    return model.eval()(pixel_values=x).logits
+
+
+def _accuracy(model, data):
+    return (_logits(model, data[0]).argmax(-1) == data[1]).float().mean().item()
+
+
+def _adapt(method, pretrained, seed):
+    """A model ready to train on digits 5-9: the pretrained ViT with a new head and `method`'s trainable set,
+    or (scratch) a fresh ViT with nothing pretrained."""
+    import copy
+    from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
+    if method == "scratch":
+        return _tiny_vit(seed)
+    model = copy.deepcopy(pretrained)
+    torch.manual_seed(seed)
+    model.classifier = torch.nn.Linear(model.config.hidden_size, 5)  # new task, new head
+    if method == "lora":
+        apply_lora_to_model(model, None, rank=8, alpha=16)  # ViT default: q_proj, v_proj
+        mark_only_lora_as_trainable(model)  # keeps the new classifier trainable
+    elif method == "head":
+        for name, p in model.named_parameters():
+            p.requires_grad = name.startswith("classifier.")
+    return model
+
+
+def q12_vit(args):
+    """LoRA on a Vision Transformer: which layers and how many parameters at ViT-B/16 size, then accuracy on real
+    images: a tiny ViT pretrained on digits 0-4, adapted to digits 5-9 by LoRA, head only, full fine-tuning,
+    against the same ViT trained from scratch on 5-9."""
+    from transformers import ViTConfig, ViTForImageClassification
+    from lora_linear import (apply_lora_to_model, count_lora_parameters, lora_layers, mark_only_lora_as_trainable,
+                             merge_lora_weights)
+    with torch.device("meta"):
+        model = ViTForImageClassification(ViTConfig(num_labels=10))  # ViT-B/16 dimensions
+    apply_lora_to_model(model, None, rank=8, alpha=16)  # default for ViT: q_proj, v_proj (transformers 5 names)
+    mark_only_lora_as_trainable(model)
+    vit_b16 = {"config": "ViT-B/16 dimensions, 10 classes, random weights (parameter count only)",
+               "targets": sorted({n.rsplit(".", 1)[-1] for n, _ in lora_layers(model)}),
+               "wrapped_layers": len(lora_layers(model)), **count_lora_parameters(model)}
+
+    # 17 tokens of width 64: splitting such small matrices over threads costs more than it saves (50 steps took
+    # 3.5 s on one thread, 115 s on two threads of a busy 2-core machine).
+    torch.set_num_threads(1)
+    source, target = _digits([0, 1, 2, 3, 4]), _digits([5, 6, 7, 8, 9])
+    methods = ("lora", "head", "full", "scratch")
+    runs = {(n, m): [] for n in Q12_PER_CLASS for m in methods}
+    pretrain_accuracy, merge_diff = [], []
+    for seed in args.seeds:  # pretraining too is repeated per seed, so its variance is in the spread
+        pretrained = _fit(_tiny_vit(seed), source[0], Q12_LR["pretrain"], seed, Q12_PRETRAIN_STEPS)
+        pretrain_accuracy.append(_accuracy(pretrained, source[1]))
+        for (per_class, method), results in runs.items():
+            model = _adapt(method, pretrained, seed)
+            _fit(model, _first_per_class(target[0], per_class), Q12_LR[method], seed + 1)
+            results.append({"accuracy": _accuracy(model, target[1]),
+                            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)})
+            if method == "lora":  # merged weights must give the same logits
+                before = _logits(model, target[1][0])
+                merge_lora_weights(model)
+                merge_diff.append((_logits(model, target[1][0]) - before).abs().max().item())
+        print({"seed": seed, "pretrain 0-4": round(pretrain_accuracy[-1], 4),
+               **{f"{m} {n or 'all'}": round(r[-1]["accuracy"], 4) for (n, m), r in runs.items()}}, flush=True)
+    rows = [{"train_images_5_9": len(_first_per_class(target[0], n)[1]), "method": m, "lr": Q12_LR[m],
+             "trainable": r[0]["trainable"], **accuracy_summary([x["accuracy"] for x in r])}
+            for (n, m), r in runs.items()]
+    save("q12_vit", {"vit_b16": vit_b16, "seeds": args.seeds, "digits": {
+        "data": "scikit-learn load_digits (real 8x8 handwritten digits); pretrain on 0-4, adapt to 5-9; "
+                "stratified 70/30 split, random_state 0; adaptation on all 5-9 training images or the first 10 "
+                "of each class",
+        "model": TINY_VIT, "total_parameters": sum(p.numel() for p in _tiny_vit(0).parameters()),
+        "train_test": {"0-4": [len(source[0][1]), len(source[1][1])], "5-9": [len(target[0][1]), len(target[1][1])]},
+        "pretrain_steps": Q12_PRETRAIN_STEPS, "pretrain_lr": Q12_LR["pretrain"], "steps": Q12_STEPS,
+        "batch": Q12_BATCH, "pretrain_accuracy_0_4": accuracy_summary(pretrain_accuracy),
+        "lora_merged_max_abs_logit_difference": max(merge_diff), "rows": rows}})
 
 
 COMMANDS = {f.__name__: f for f in (q1_spectrum, q2_rank, q3_init_B, q4_targets, q5_scaling, q6_merge_precision,

@@ -26,3 +26,20 @@ def test_save_writes_through_the_harness_with_the_seeds_in_the_header(tmp_path, 
     saved = json.loads((tmp_path / "q0.json").read_text())
     assert saved["seeds"] == [42, 43] and saved["budget"] == "tiny" and saved["rows"] == [{"accuracy_mean": 0.5}]
     assert saved["command"].startswith("python ") and {"git", "machine", "versions", "date_utc"} <= set(saved)
+
+
+def test_q12_methods_train_what_they_say_and_leave_the_pretrained_vit_alone():
+    """Each Q12 adaptation trains only its own parameters (a wrong set would make its row measure another
+    method), and none of them changes the pretrained model that the next method starts from."""
+    import torch
+    from run import _adapt, _tiny_vit
+    pretrained = _tiny_vit(0)
+    before = {k: v.clone() for k, v in pretrained.state_dict().items()}
+    trainable = {m: {n for n, p in _adapt(m, pretrained, 1).named_parameters() if p.requires_grad}
+                 for m in ("lora", "head", "full", "scratch")}
+    assert trainable["head"] == {"classifier.weight", "classifier.bias"}
+    lora = trainable["lora"] - trainable["head"]
+    assert lora and all(".lora.lora_" in n and (".q_proj." in n or ".v_proj." in n) for n in lora)
+    assert trainable["full"] == trainable["scratch"] == {n for n, _ in pretrained.named_parameters()}
+    assert all(torch.equal(v, pretrained.state_dict()[k]) for k, v in before.items())
+    assert all(p.requires_grad for p in pretrained.parameters())
