@@ -47,6 +47,12 @@ BUDGET = ["--model", "minilm", "--max_train_samples", "1200", "--epochs", "2", "
           "--precision", "fp32", "--lr", str(LORA_LR)]
 
 
+def budget_string(lr=None):
+    """BUDGET as run: with the learning rate a command actually used (None: each row states its own)."""
+    assert BUDGET[-2] == "--lr"
+    return " ".join(BUDGET[:-2] + (["--lr", f"{lr:g}"] if lr is not None else ["(lr: each row's)"]))
+
+
 def save(name, data):
     """experiments/results/<name>.json through the benchmarks' harness: the header (command, commit, machine,
     versions, date, seeds: a "seeds" entry of `data` goes there), then the figures."""
@@ -350,7 +356,8 @@ def q10_lr(args):
         raise SystemExit(f"unknown --methods {unknown}; choose from {sorted(keys)}")
     rows = [_method_row(keys[m], args.lr, [plain_train(METHODS[keys[m]][0], seed, args.lr) for seed in args.seeds])
             for m in args.methods]
-    save(f"q10_lr_{'_'.join(args.methods)}_{args.lr:g}", {"budget": " ".join(BUDGET), "seeds": args.seeds, "rows": rows})
+    save(f"q10_lr_{'_'.join(args.methods)}_{args.lr:g}", {"budget": budget_string(args.lr), "seeds": args.seeds,
+                                                           "rows": rows})
 
 
 def q10_methods(args):
@@ -378,7 +385,7 @@ def q10_methods(args):
     import copy
     merged = merge_lora_weights(copy.deepcopy(lora))
     latency = _latency_ms({"base model": base.eval(), **kept, "LoRA r=8 q,v, merged": merged}, batch)
-    save("q10_methods", {"budget": " ".join(BUDGET), "seeds": args.seeds, "rows": rows,
+    save("q10_methods", {"budget": budget_string(), "seeds": args.seeds, "rows": rows,
                          "latency_ms_batch_64": latency, "update_spectra": spectra})
 
 
