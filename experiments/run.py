@@ -145,7 +145,7 @@ def q2_rank(args):
     ax.set(xscale="log", xlabel="LoRA parameters", ylabel=f"validation accuracy (mean, std over {len(args.seeds)} seeds)",
            title="Rank: parameters against accuracy")
     _save_figure(fig, "q2_rank.png")
-    save("q2_rank", {"budget": " ".join(BUDGET), "alpha": "2 x rank", "seeds": args.seeds, "rows": rows})
+    save("q2_rank", {"budget": budget_string(LORA_LR), "alpha": "2 x rank", "seeds": args.seeds, "rows": rows})
 
 
 def q3_init_B(args):
@@ -183,7 +183,7 @@ def q3_init_B(args):
     ax.legend()
     _save_figure(fig, "q3_init_B.png")
     save("q3_init_B", {"relative_change_of_encoder_output_at_step_0": step0, "training": runs,
-                       "budget": " ".join(BUDGET), "seeds": args.seeds})
+                       "budget": budget_string(LORA_LR), "seeds": args.seeds})
 
 
 def q4_targets(args):
@@ -197,7 +197,7 @@ def q4_targets(args):
         rows.append({"targets": label, "trainable": metrics[0]["parameters"]["trainable"],
                      **accuracy_summary([m["best"]["value"] for m in metrics])})
         print(rows[-1], flush=True)
-    save("q4_targets", {"budget": " ".join(BUDGET), "rank": 8, "seeds": args.seeds, "rows": rows})
+    save("q4_targets", {"budget": budget_string(LORA_LR), "rank": 8, "seeds": args.seeds, "rows": rows})
 
 
 def q5_scaling(args):
@@ -211,7 +211,7 @@ def q5_scaling(args):
                          **accuracy_summary([m["best"]["value"] for m in metrics]),
                          "eval_loss_per_epoch": [[round(e["eval_loss"], 4) for e in m["epochs"]] for m in metrics]})
             print(rows[-1], flush=True)
-    save("q5_scaling", {"budget": " ".join(BUDGET), "alpha": 16, "seeds": args.seeds, "rows": rows})
+    save("q5_scaling", {"budget": budget_string(LORA_LR), "alpha": 16, "seeds": args.seeds, "rows": rows})
 
 
 def q6_merge_precision(args):
@@ -429,7 +429,7 @@ def q11_dynamic_rank(args):
         rows.append({"setup": label, "trainable": runs[0]["trainable"],
                      **accuracy_summary([r["best_accuracy"] for r in runs]), "runs": runs})
         print({k: v for k, v in rows[-1].items() if k != "runs"}, flush=True)
-    save("q11_dynamic_rank", {"budget": " ".join(BUDGET), "seeds": args.seeds, "teacher_r32": teacher,
+    save("q11_dynamic_rank", {"budget": budget_string(LORA_LR), "seeds": args.seeds, "teacher_r32": teacher,
                               "allocated_ranks": ranks, "rows": rows})
 
 
@@ -479,12 +479,15 @@ def q7_saved(args):
         layers = model.config.num_hidden_layers
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         where, kept = ["outside the layers"], collections.Counter()
+
+        def leave_module(*_):
+            where.pop()  # returns None: a forward hook that returned a value would replace the module's output
         for name, module in model.named_modules():  # which kind of module is running: mlp, self_attn, ...
             parts = name.split(".")
             if len(parts) == 4 and parts[1] == "layers" or name.endswith(("q_proj.lora", "v_proj.lora")):
                 kind = "LoRA on q_proj, v_proj" if name.endswith("lora") else parts[3]
                 module.register_forward_pre_hook(lambda *_, kind=kind: where.append(kind))
-                module.register_forward_hook(lambda *_: where.pop() and None)
+                module.register_forward_hook(leave_module)
         seen = set()
 
         def pack(tensor):
@@ -626,7 +629,7 @@ def q11_adaptive_rank(args):
             row["active_components"] = [sum(r["final_ranks"].values()) for r in runs]
         rows.append(row)
         print({k: v for k, v in row.items() if k != "runs"}, flush=True)
-    save("q11_adaptive_rank", {"budget": " ".join(BUDGET), "seeds": args.seeds, "rows": rows})
+    save("q11_adaptive_rank", {"budget": budget_string(LORA_LR), "seeds": args.seeds, "rows": rows})
 
 
 # ----------------------------------------------------------------------------- Q12: LoRA on a Vision Transformer
