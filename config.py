@@ -320,7 +320,7 @@ def load_config(args: argparse.Namespace) -> dict:
     own_task, task_reason = families.detect_task(model_name)
     task = flags.get("task") or user.get("task")
     if task is not None:
-        task_reason = "set in your config or flags"
+        task_reason = "your config or flags"
     elif own_task is None:
         raise ConfigError(f"cannot tell whether '{model_name}' is a classifier or a causal LM ({task_reason}); "
                           f"pass --task classification or --task causal_lm")
