@@ -61,6 +61,15 @@ def test_readme_option_table_quotes_the_defaults():
     assert quoted >= 30
 
 
+def test_readme_option_table_lists_every_key():
+    """A key the table leaves out is a setting nobody reading the README can find."""
+    named = {name for _, names, _ in readme_option_rows() for name in names}
+    named |= {"train_split", "validation_split"} if "splits" in named else set()
+    named |= {"fp16", "bf16"}  # the shorthands in the precision row: `training.precision` (`fp16`, `bf16`)
+    missing = sorted(set(LEAF_PATHS) - named)
+    assert not missing, f"README's option table lacks {missing}"
+
+
 @pytest.mark.parametrize("name, value, message", [
     ("rank", 0, "an integer in [1,"), ("dropout", 1.0, "a number in [0, 1)"), ("warmup_ratio", 1.5, "[0, 1]"),
     ("learning_rate", 0, "a number > 0"), ("scaling", "linear", "one of standard, rslora, none"),
