@@ -114,13 +114,14 @@ def command_line(script: str, argv: Optional[Sequence[str]] = None) -> str:
 
 
 def git_state() -> dict:
-    """The commit the code came from, and whether tracked files other than results differed from it."""
+    """The commit the code came from, and whether tracked files other than results and docs (*.md, which a
+    measurement never reads) differed from it."""
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True)
     try:
         head = git("rev-parse", "HEAD")
         changed = git("status", "--porcelain", "--untracked-files=no", "--", ".",
-                      *(f":(exclude){p}" for p in RESULT_PATHS))
+                      *(f":(exclude){p}" for p in RESULT_PATHS), ":(exclude,glob)**/*.md")
     except OSError:  # no git here
         return {"commit": None, "dirty": None}
     if head.returncode != 0 or changed.returncode != 0:  # not a checkout
