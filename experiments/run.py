@@ -11,7 +11,7 @@ Experiments behind discussion.md. One subcommand per question; each writes exper
     python experiments/run.py q7_memory                                      # memory and time per step
     python experiments/run.py q7_saved                                       # what autograd keeps, causal LM
     python experiments/run.py q8_inference --adapter_dir expected_output     # merged vs pruned vs int8
-    python experiments/run.py q10_methods                                    # LoRA, BitFit, full FT, IA3, prefix
+    python experiments/run.py q10_methods                                    # LoRA, BitFit, full FT, Houlsby, IA3, prefix
     python experiments/run.py q11_dynamic_rank                               # rank allocated by singular values
     python experiments/run.py q11_adaptive_rank                              # rank reallocated during training
     python experiments/run.py q12_vit --seeds 42 43 44                       # ViT: LoRA layers; transfer on digits
@@ -40,8 +40,8 @@ from harness import measure_in_child, peak_memory_during, timed_rounds, write_re
 from report import save_figure_atomic  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
-# 150 steps of batch 16. lr 1e-3, not the main config's 5e-4: at 5e-4 one seed in three had not started to learn
-# after 150 steps (accuracy 0.5475, eval loss 0.67), which made every comparison a race to take off.
+# 150 steps of batch 16. lr 1e-3, not the main config's 5e-4: in a pilot at 5e-4 one seed in three had not started
+# to learn after 150 steps (its figures were not kept), which made every comparison a race to take off.
 LORA_LR = 1e-3
 BUDGET = ["--model", "minilm", "--max_train_samples", "1200", "--epochs", "2", "--logging_steps", "5",
           "--precision", "fp32", "--lr", str(LORA_LR)]
@@ -361,7 +361,7 @@ def q10_lr(args):
 
 
 def q10_methods(args):
-    """LoRA, BitFit, full fine-tuning, IA3 and prefix tuning on the same data, budget and loop."""
+    """LoRA, BitFit, full fine-tuning, Houlsby adapters, IA3 and prefix tuning on the same data, budget and loop."""
     from lora_linear import lora_layers, merge_lora_weights
     rows, kept = [], {}
     for label, (prepare, lr) in METHODS.items():
@@ -780,7 +780,7 @@ def main():
     parser.add_argument("command", choices=list(COMMANDS))
     parser.add_argument("--adapter_dir", default=os.path.join(ROOT, "expected_output"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[42])
-    parser.add_argument("--methods", nargs="+", default=["bitfit"], help="q10_lr: lora bitfit full ia3 prefix")
+    parser.add_argument("--methods", nargs="+", default=["bitfit"], help="q10_lr: lora bitfit full houlsby ia3 prefix")
     parser.add_argument("--lr", type=float, default=1e-2, help="q10_lr: the learning rate to try")
     args = parser.parse_args()
     os.makedirs(RESULTS, exist_ok=True)
