@@ -35,7 +35,7 @@ def pick_device(name: str = "auto") -> torch.device:
 
 def cpu_has_native_bf16() -> bool:
     """True where the CPU computes bf16 matmuls natively (AVX512-BF16 or AMX); elsewhere bf16 is emulated
-    and far slower than fp32 (measured 66x slower on an AVX2-only AMD EPYC)."""
+    and far slower than fp32 (one bert-base-sized product: 114.8x, benchmarks/RESULTS.md)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "").split()
