@@ -3,7 +3,8 @@ Speed and memory of this repo's LoRA against what users would pick instead. One 
 
     python benchmarks/bench.py                 # everything below, then a table (several minutes on 2 cores)
     python benchmarks/bench.py --only step     # a subset of: step inference memory padding multi e2e precision
-                                               #              profile compile causal
+                                               #              profile compile causal (and, only on request,
+                                               #              tests: the test suite's wall time)
     python benchmarks/bench.py --device cuda   # on the GPU (adds a larger step shape and the auto precision runs)
     python benchmarks/bench.py --quick         # tiny model, a smoke test (used by the tests)
 
@@ -492,21 +493,47 @@ def section_compile(args, device):
     return per_step
 
 
+def section_tests(args, device):
+    """Wall time of this repo's tests as a user runs them: the quick loop (`pytest -q -m "not slow"`, the median
+    of up to 3 runs) and the whole suite once (what CI runs). Only on request (`--only tests`): the suite runs
+    this script. With --quick, one small test file stands in for the suite."""
+    runs = [("pytest -q -m 'not slow'", ["-m", "not slow"], min(args.rounds, 3)), ("pytest -q", [], 1)]
+    for label, selection, rounds in runs:
+        if args.quick:
+            selection, rounds = selection + [os.path.join("tests", "test_losses.py")], 1
+        seconds = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *selection],
+                                  cwd=ROOT, capture_output=True, text=True)
+            seconds.append(time.perf_counter() - start)
+            outcome = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+            if proc.returncode != 0:
+                raise RuntimeError(f"{label} failed: {outcome}\n{proc.stdout[-2000:]}")
+        record("tests", label, statistics.median(seconds), "s", outcome.strip("= "))
+
+
 SECTIONS = {"step": section_step, "inference": section_inference, "memory": section_memory,
             "padding": section_padding, "multi": section_multi, "e2e": section_e2e, "precision": section_precision,
-            "profile": section_profile, "compile": section_compile, "causal": section_causal}
+            "profile": section_profile, "compile": section_compile, "causal": section_causal, "tests": section_tests}
+ON_REQUEST = ("tests",)  # not part of a plain `python benchmarks/bench.py`
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--only", nargs="+", choices=list(SECTIONS), default=list(SECTIONS))
+    parser.add_argument("--only", nargs="+", choices=list(SECTIONS),
+                        default=[name for name in SECTIONS if name not in ON_REQUEST])
     parser.add_argument("--quick", action="store_true", help="tiny model and few rounds: a smoke test")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="for the precision and e2e sections")
     parser.add_argument("--causal_steps", type=int, default=10, help="optimizer steps per side in the causal section")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results.json"))
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.quick:
         args.rounds = 2
     device = pick_device(args.device)

@@ -29,6 +29,9 @@ if ROOT not in sys.path:
 # Rewritten by the commands themselves: a results file changed by one command does not make the next one's code dirty
 RESULT_PATHS = ("experiments/results", "benchmarks/results", "benchmarks/results.json")
 
+# The scripts import this file at their start (after torch), so a results file says how long its command ran
+STARTED = time.perf_counter()
+
 
 def _synchronize(device) -> None:
     if device is not None and device.type == "cuda":
@@ -142,13 +145,14 @@ def machine(device=None) -> dict:
 def write_results(path: str, data: Mapping[str, Any], command: Optional[str] = None,
                   seeds: Optional[Iterable[int]] = None, device=None) -> dict:
     """Write a results json, atomically: the header (command, git commit, machine, library versions, UTC date,
-    seeds), then `data`'s figures at the top level. Every results file of benchmarks/ and experiments/ is
+    seeds, seconds since the command started), then `data`'s figures at the top level. Every results file of benchmarks/ and experiments/ is
     written here, so each says how to make it again and where it was made. Returns what was written."""
     from report import library_versions, write_json_atomic
     header = {"command": command if command is not None else command_line(os.path.relpath(sys.argv[0], ROOT)),
               "git": git_state(), "machine": machine(device), "versions": library_versions(),
               "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "seeds": list(seeds) if seeds is not None else None}
+              "seeds": list(seeds) if seeds is not None else None,
+              "command_seconds": round(time.perf_counter() - STARTED, 1)}
     clash = set(header) & set(data)
     if clash:
         raise ValueError(f"the figures use the header's keys {sorted(clash)}: pass seeds as seeds=, rename the rest")

@@ -59,7 +59,9 @@ def test_write_results_writes_the_header_then_the_figures(tmp_path):
     path = tmp_path / "new folder" / "results.json"
     write_results(str(path), {"rows": [{"value": 1.5}]}, command="python benchmarks/bench.py --quick", seeds=[42, 43])
     saved = json.loads(path.read_text())
-    assert list(saved) == ["command", "git", "machine", "versions", "date_utc", "seeds", "rows"]
+    assert list(saved) == ["command", "git", "machine", "versions", "date_utc", "seeds", "command_seconds", "rows"]
+    import harness  # the command's run time so far: since harness was imported, at most this test session's
+    assert 0 < saved["command_seconds"] <= time.perf_counter() - harness.STARTED + 0.1
     assert saved["command"] == "python benchmarks/bench.py --quick" and saved["seeds"] == [42, 43]
     assert saved["rows"] == [{"value": 1.5}]
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
@@ -97,6 +99,20 @@ def test_benchmark_runs_on_a_tiny_model(tmp_path):
                     "memory": f"full/this = {full / r['value']:.2f}x"}.get(r["section"])
         if expected and not r["contender"].startswith("one "):  # not the bf16 matmul note (its own ratio)
             assert r["ratio"] == expected, r
+
+
+@pytest.mark.slow
+def test_tests_section_times_pytest_and_only_on_request(tmp_path):
+    import bench
+    out = tmp_path / "results.json"
+    assert bench.main(["--quick", "--only", "tests", "--output", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [r["contender"] for r in rows] == ["pytest -q -m 'not slow'", "pytest -q"]
+    for r in rows:  # pytest's own summary, and a wall time that includes pytest's own timing of the tests
+        passed = r["ratio"].split(" in ")
+        assert passed[0].endswith("passed") and r["value"] >= float(passed[1].rstrip("s"))
+    default = bench.build_parser().parse_args([]).only  # a plain run: every section but this one
+    assert "tests" not in default and set(default) | {"tests"} == set(bench.SECTIONS)
 
 
 @pytest.mark.slow
