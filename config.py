@@ -29,8 +29,8 @@ from assets import FALLBACK_DATASETS, FALLBACK_MODELS
 from lora_linear import B_INITS, BIAS_MODES, SCALING_MODES
 
 PRECISIONS = ("fp32", "bf16", "fp16")  # number formats a run computes (precision) or stores (base_dtype) in
-MAX_INT = 2**31 - 1
-COMPILE_PAD_MULTIPLE = 32  # compiled runs pad batches to a multiple of this: a handful of shapes, each compiled once  # 1e30 would otherwise reach the model as a huge tensor size
+MAX_INT = 2**31 - 1  # the largest integer a value may take: 1e30 would otherwise reach the model as a tensor size
+COMPILE_PAD_MULTIPLE = 32  # compiled runs pad batches to a multiple of this: a handful of shapes, each compiled once
 # The course's flag spellings.
 ALIASES = {"model": "model_name", "epochs": "num_epochs", "lr": "learning_rate", "output": "output_dir"}
 RESULTS_ROOT, LOGS_ROOT = "results", "logs"  # where runs without an explicit path go (the course's ./results, ./logs)
@@ -82,7 +82,8 @@ class TrainingSettings:
     gradient_checkpointing: bool = key(False, "recompute activations in backward: less memory, more time")
     seed: int = key(42, "seed for weights, data order and splits", low=0)
     logging_steps: int = key(20, "optimizer steps between log lines", low=0)
-    eval_steps: int = key(0, "optimizer steps between evaluations; 0: each epoch", low=0)
+    eval_steps: int = key(0, "optimizer steps between evaluations, besides each epoch's end; 0: the epoch's end only",
+                          low=0)
     max_steps: int = key(0, "stop after this many optimizer steps; 0: no limit", low=0)
     group_by_length: bool = key(True, "batches of similar length, padded only to their longest")
     pad_to_max_length: bool = key(False, "pad every batch to max_length (the course's way; slower)")

@@ -22,8 +22,8 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
-from lora_linear import (ADAPTER_BIN_NAME, ADAPTER_WEIGHTS_NAME, AdapterError, load_adapter, lora_disabled,
-                         merge_lora_weights, read_adapter_config)
+from lora_linear import (ADAPTER_BIN_NAME, ADAPTER_WEIGHTS_NAME, HEAD_NAMES, AdapterError, load_adapter,
+                         lora_disabled, merge_lora_weights, read_adapter, read_adapter_config)
 from config import ConfigError
 from precision import pick_device
 from sources import load_base_model
@@ -54,7 +54,8 @@ def read_label_names(adapter_dir: str, num_labels: int) -> List[str]:
     return ["negative", "positive"] if num_labels == 2 else [f"label_{i}" for i in range(num_labels)]
 
 
-HEAD_KEYS = ("classifier.weight", "score.weight", "classifier.out_proj.weight")
+# a sequence classifier's last layer (RoBERTa's head ends in classifier.out_proj): its rows are the labels
+HEAD_KEYS = tuple(f"{name}.weight" for name in HEAD_NAMES) + ("classifier.out_proj.weight",)
 TASKS = {"SEQ_CLS": "classification", "CAUSAL_LM": "causal_lm"}  # what load_base_model can build
 
 
@@ -68,14 +69,13 @@ def num_labels_of(adapter_dir: str) -> int:
                 shapes = {key: f.get_slice(key).get_shape() for key in f.keys()}
         else:
             path = os.path.join(adapter_dir, ADAPTER_BIN_NAME)
-            from lora_linear import _read_weights
-            shapes = {key: list(t.shape) for key, t in _read_weights(adapter_dir)[1].items()}
+            shapes = {key: list(t.shape) for key, t in read_adapter(adapter_dir)[1].items()}
     except AdapterError:
         raise
     except Exception as e:
         raise AdapterError(f"{path} is truncated or corrupt ({type(e).__name__}); re-save the adapter") from None
     for key, shape in shapes.items():
-        if key.endswith(HEAD_KEYS):
+        if ("." + key).endswith(tuple("." + head for head in HEAD_KEYS)):  # not pre_classifier.weight
             return shape[0]
     return 2
 

@@ -190,12 +190,13 @@ class LoRALayer(nn.Module):
 
     # PEFT has no partial fused layers: it stores one dense LoRA of rank n*r whose B is zero outside the
     # enabled blocks, with alpha chosen so that its scaling equals ours. The function is the same.
-    def peft_rank_alpha(self) -> Tuple[int, float]:
-        """(r, lora_alpha) under which PEFT's scaling rule gives this layer's s."""
+    def peft_rank_alpha(self, use_rslora: bool) -> Tuple[int, float]:
+        """(r, lora_alpha) under which PEFT's scaling rule (alpha/sqrt(r) if use_rslora, else alpha/r) gives
+        this layer's s."""
         rank = self.rank * (sum(self.parts) if self.parts else 1)
-        if not self.parts and self.scaling_mode != "none":
+        if not self.parts and self.scaling_mode == ("rslora" if use_rslora else "standard"):
             return rank, self.alpha
-        return rank, self.scaling * (math.sqrt(rank) if self.scaling_mode == "rslora" else rank)
+        return rank, self.scaling * (math.sqrt(rank) if use_rslora else rank)
 
     def peft_B(self) -> torch.Tensor:
         """B as PEFT stores it: (out, n*r), block k of columns feeding the k-th enabled slice."""
@@ -259,27 +260,31 @@ class LinearWithLoRA(nn.Module):
             return out  # merged: B A already lives inside W0
         return out + self.lora(x).to(out.dtype)
 
-    def _delta_for_base(self):
-        delta = self.lora.delta_weight().detach()
-        return (delta.T if self.fan_in_fan_out else delta).to(self.base_layer.weight.dtype)
-
     @torch.no_grad()
+    def _add_to_base(self, sign: int) -> None:
+        """W += sign * s B A, added in (at least) fp32 and rounded to W's dtype once."""
+        weight, delta = self.base_layer.weight, self.lora.delta_weight().detach()
+        delta = delta.T if self.fan_in_fan_out else delta
+        wide = torch.promote_types(weight.dtype, delta.dtype)
+        weight.copy_((weight.to(wide) + sign * delta.to(wide)).to(weight.dtype))
+
     def merge_weights(self) -> None:
         """W = W0 + s B A in place: the layer then costs what the plain layer costs (Section 4.1, "No Additional
         Inference Latency"). Merging twice would add B A twice: skipped with a warning."""
         if self.merged:
             warnings.warn("LoRA weights are already merged; merging again would add B A twice, skipped")
             return
-        self.base_layer.weight += self._delta_for_base()
+        self._add_to_base(+1)
         self.merged = True
 
-    @torch.no_grad()
     def unmerge_weights(self) -> None:
-        """W0 = W - s B A: recover W0 to train on or to switch to another adapter (Section 4.1)."""
+        """W0 = W - s B A: recover W0 to train on or to switch to another adapter (Section 4.1). In fp32 W0 comes
+        back up to float rounding; a bf16 or fp16 W was rounded when merged, so W0 comes back only approximately
+        (as in PEFT): keep the unmerged model where exactness matters."""
         if not self.merged:
             warnings.warn("LoRA weights are not merged; nothing to unmerge")
             return
-        self.base_layer.weight -= self._delta_for_base()
+        self._add_to_base(-1)
         self.merged = False
 
 
@@ -393,9 +398,12 @@ def apply_lora_to_model(model: nn.Module, target_modules: Union[None, str, Seque
     rank_pattern / alpha_pattern: {layer name or its ending: value} overrides per layer, as in PEFT.
     """
     targets = resolve_targets(model, target_modules)
-    wrapped = {n for n, _ in lora_layers(model)}
+    wrapped = dict(lora_layers(model))
     for name, parts in targets.items():
         if name in wrapped:
+            if wrapped[name].lora.parts != parts:  # e.g. q_proj, then v_proj, on GPT-2's one c_attn
+                raise ValueError(f"{name} is already adapted on other slices ({wrapped[name].lora.parts}); "
+                                 f"name all of a fused layer's targets in one apply_lora_to_model call")
             continue
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -587,6 +595,11 @@ def write_atomically(path: str, write: Callable[[str], Any]) -> str:
     return path
 
 
+def _write_text(path: str, text: str) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+
+
 # PEFT's task types, by the transformers class that serves each (the auto-class mapping) or its name ending
 TASK_TYPES = (("MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "ForSequenceClassification", "SEQ_CLS"),
               ("MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "ForTokenClassification", "TOKEN_CLS"),
@@ -637,8 +650,8 @@ def save_adapter(model: nn.Module, output_dir: str, base_model_name_or_path: Opt
     # Scaling 'none' (s = 1) and fused slices have no PEFT spelling; peft_rank_alpha gives the r and alpha
     # under which PEFT's own rule computes the same s.
     layers = lora_layers(model)
-    ranks = {n: layer.lora.peft_rank_alpha()[0] for n, layer in layers}
-    alphas = {n: float(layer.lora.peft_rank_alpha()[1]) for n, layer in layers}
+    ranks = {n: layer.lora.peft_rank_alpha(config["use_rslora"])[0] for n, layer in layers}
+    alphas = {n: float(layer.lora.peft_rank_alpha(config["use_rslora"])[1]) for n, layer in layers}
     # The most common rank and alpha are the defaults; layers that differ (a per-layer budget) are listed
     # by full name in PEFT's rank_pattern / alpha_pattern.
     rank, alpha = (Counter(v.values()).most_common(1)[0][0] for v in (ranks, alphas))
@@ -655,7 +668,7 @@ def save_adapter(model: nn.Module, output_dir: str, base_model_name_or_path: Opt
     write_atomically(os.path.join(output_dir, ADAPTER_WEIGHTS_NAME),
                       lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     write_atomically(os.path.join(output_dir, ADAPTER_CONFIG_NAME),
-                      lambda p: open(p, "w").write(json.dumps(peft_config, indent=2) + "\n"))
+                      lambda p: _write_text(p, json.dumps(peft_config, indent=2) + "\n"))
     return output_dir
 
 
@@ -786,7 +799,10 @@ def read_adapter(adapter_dir: str) -> Tuple[dict, Dict[str, torch.Tensor]]:
         if value.is_floating_point() and not torch.isfinite(value).all():
             # e.g. a run that diverged: loading it would only print nan scores
             raise AdapterError(f"{weights} holds non-finite values (nan or inf) in {key}; it cannot be used")
-        state[_from_peft_key(key)] = value
+        name = _from_peft_key(key)
+        if ".original_module." in name:  # PEFT's frozen copy of a saved module (it writes it with bias="all")
+            continue
+        state[re.sub(r"\.modules_to_save(\.default)?\.", ".", name)] = value  # PEFT's trained copy: the module
     return config, state
 
 
@@ -823,4 +839,13 @@ def load_adapter(model: nn.Module, adapter_dir: str) -> nn.Module:
                             rank_pattern=config.get("rank_pattern"), alpha_pattern=config.get("alpha_pattern"))
         mark_only_lora_as_trainable(model, config.get("bias") or "none",
                                     resolve_modules_to_save(model, config.get("modules_to_save") or []))
+    else:  # already wrapped: the shapes are checked on loading, the scaling s here (a silent error otherwise)
+        mode = "rslora" if config.get("use_rslora") else "standard"
+        for name, layer in lora_layers(model):
+            wanted = lora_scaling(pattern_value(config.get("rank_pattern"), name, config["r"]),
+                                  pattern_value(config.get("alpha_pattern"), name, config["lora_alpha"]), mode)
+            if not math.isclose(wanted, layer.lora.scaling, rel_tol=1e-6):
+                raise AdapterError(f"the adapter scales {name} by {wanted:g}, this model's LoRA layer by "
+                                   f"{layer.lora.scaling:g} (another alpha, rank or use_rslora); load it into "
+                                   f"the bare base model")
     return load_lora_state_dict(model, state)

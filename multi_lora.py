@@ -140,6 +140,14 @@ class MultiAdapterModel:
         config, state = read_adapter(adapter_dir)
         targets = adapter_target_names(self.model, config)
         heads = resolve_modules_to_save(self.model, config.get("modules_to_save") or [])
+        served = {f"{t}.lora.lora_{m}" for t in targets for m in "AB"} | {f"{h}.{p}" for h in heads
+                                                                          for p in ("weight", "bias")}
+        unserved = sorted(set(state) - served)
+        if unserved:  # never dropped silently: the adapter would compute something else than it was trained to
+            raise AdapterError(f"adapter {name!r} also holds {', '.join(unserved[:3])}"
+                               f"{' ...' if len(unserved) > 3 else ''} (biases trained with bias='all' or "
+                               f"'lora_only'?), which one shared base cannot serve per row; load it on its own "
+                               f"with lora_linear.load_adapter")
         self._check_shapes(name, state, targets, heads)
         self._check_base(name, config.get("base_model_name_or_path"))
         for layer_name in targets:

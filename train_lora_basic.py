@@ -127,11 +127,15 @@ def setup_distributed(config: dict) -> tuple:
     if world_size == 1:
         return 0, 1, pick_device(config["device"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if torch.cuda.is_available() and config["device"] in ("auto", "cuda"):
+    picked = pick_device(config["device"])  # a device that is not there: the same error as in one process
+    if picked.type == "cuda":
         torch.cuda.set_device(local_rank)
         device, backend = torch.device("cuda", local_rank), "nccl"
+    elif picked.type == "cpu":
+        device, backend = picked, "gloo"
     else:
-        device, backend = torch.device("cpu"), "gloo"
+        raise ConfigError(f"several processes (torchrun) run on CUDA or the CPU, not {picked.type}; "
+                          f"use --device cuda or --device cpu")
     dist.init_process_group(backend)
     return dist.get_rank(), world_size, device
 
@@ -163,13 +167,15 @@ def load_model(config: dict, base_dtype: str, prepare: Optional[Callable[[nn.Mod
     return trainable_to_fp32(mark_only_lora_as_trainable(model, bias=lora["bias"])), tokenizer, provenance
 
 
-def compiled_step_model(model: nn.Module, world_size: int, device: torch.device) -> nn.Module:
-    """The model as the training step calls it, compiled: fixed shapes (dynamic=False; the batches are padded
-    to a few lengths), and on CUDA mode reduce-overhead, whose CUDA graphs replay a whole step's kernels at
-    once instead of Python launching each (a small-batch GPU step otherwise waits on those launches).
-    Evaluation keeps the eager model: its batches have other shapes."""
+def training_step_model(model: nn.Module, world_size: int, device: torch.device, compile_step: bool) -> nn.Module:
+    """The model as the training step calls it: in DDP across processes, and compiled if asked, with fixed
+    shapes (dynamic=False; the batches are padded to a few lengths) and on CUDA mode reduce-overhead, whose
+    CUDA graphs replay a whole step's kernels at once instead of Python launching each. Evaluation keeps the
+    eager model: its batches have other shapes."""
     if world_size > 1:
         model = nn.parallel.DistributedDataParallel(model)
+    if not compile_step:
+        return model
     return torch.compile(model, mode="reduce-overhead" if device.type == "cuda" else None, dynamic=False)
 
 
@@ -255,8 +261,7 @@ def build_run(config: dict, device: torch.device, rank: int = 0, world_size: int
     scheduler = get_linear_schedule_with_warmup(optimizer, int(training["warmup_ratio"] * total_steps), total_steps)
     run = Run(
         config=config, model=model, tokenizer=tokenizer, eval_model=eval_model,
-        step_model=compiled_step_model(eval_model, world_size, device) if training["compile"] else
-        nn.parallel.DistributedDataParallel(eval_model) if world_size > 1 else eval_model,
+        step_model=training_step_model(eval_model, world_size, device, training["compile"]),
         train_loader=train_loader, eval_loader=eval_loader, optimizer=optimizer, scheduler=scheduler,
         scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,  # fp16 gradients underflow
         trainable=[p for p in model.parameters() if p.requires_grad], total_steps=total_steps,
@@ -316,8 +321,11 @@ def train_loop(run: Run, callbacks: Sequence[Callable[[dict], Any]] = ()) -> boo
             batch = {k: v.to(run.device) for k, v in batch.items()}
             state["batch_in_epoch"] += 1
             last_micro = state["batch_in_epoch"] % accumulation == 0 or state["batch_in_epoch"] == batches_in_epoch
-            # forward, loss, backward: gradients add up over `accumulation` micro-batches
-            forward_backward(run, batch, last_micro, accumulation)
+            # the epoch's last window may hold fewer micro-batches: the gradient averages over those it has
+            window_start = (state["batch_in_epoch"] - 1) // accumulation * accumulation
+            in_window = min(accumulation, batches_in_epoch - window_start)
+            # forward, loss, backward: gradients add up over the window's micro-batches
+            forward_backward(run, batch, last_micro, in_window)
             if not last_micro:
                 continue
             # clip, step: one optimizer step per accumulated batch
@@ -330,7 +338,7 @@ def train_loop(run: Run, callbacks: Sequence[Callable[[dict], Any]] = ()) -> boo
                 entry = run.record.train_window(run.total_steps, run.scheduler.get_last_lr()[0],
                                                 run.task == "classification")
                 bar.set_postfix({k: f"{v:.4g}" for k, v in entry.items() if k in ("loss", "accuracy", "lr")})
-            # evaluate: every eval_steps, if set (else at the end of each epoch, below)
+            # evaluate: every eval_steps, if set (and at the end of each epoch, below)
             if training["eval_steps"] and state["step"] % training["eval_steps"] == 0:
                 evaluate_and_record(run)
             for callback in callbacks:
@@ -359,16 +367,17 @@ def progress_bar(run: Run) -> tqdm:
                 total=state["batch_in_epoch"] + min(left_in_epoch, left_by_max_steps))
 
 
-def forward_backward(run: Run, batch: dict, last_micro: bool, accumulation: int) -> None:
-    """One micro-batch: forward under autocast, the loss (divided so that accumulated gradients average),
-    backward. The loss and correct counts are added up on the device."""
+def forward_backward(run: Run, batch: dict, last_micro: bool, in_window: int) -> None:
+    """One micro-batch: forward under autocast, the loss (divided by the micro-batches of its accumulation
+    window, so that the accumulated gradient is their mean), backward. Loss and correct counts add up on the
+    device."""
     # DDP all-reduces gradients in backward; between accumulation steps that would be wasted traffic
     sync = run.step_model.no_sync() if run.world_size > 1 and not last_micro else nullcontext()
     with sync:
         with autocast_context(run.precision, run.device):
             out = run.step_model(**batch)
         loss = out.loss
-        scaled = loss / accumulation
+        scaled = loss / in_window
         (run.scaler.scale(scaled) if run.scaler else scaled).backward()
     correct = (out.logits.argmax(-1) == batch["labels"]).sum() if run.task == "classification" else None
     run.sums.add(loss, batch["labels"].shape[0], correct)
@@ -408,7 +417,12 @@ def end_epoch(run: Run) -> None:
     """The epoch's evaluation and summary line, then a checkpoint (unless it was the last epoch: the final
     adapter follows)."""
     state, task = run.state, run.task
-    result = evaluate_and_record(run)  # flushes the step sums into the epoch's first
+    evals = state["history"]["eval"]
+    if evals and evals[-1]["step"] == state["step"]:  # eval_steps evaluated this very step: not twice
+        run.sums.flush()
+        result = {k: v for k, v in evals[-1].items() if k not in ("step", "epoch")}
+    else:
+        result = evaluate_and_record(run)  # flushes the step sums into the epoch's first
     sums = state["epoch_sums"]
     summary = {"epoch": state["epoch"] + 1, "step": state["step"], "train_loss": sums[0] / max(sums[2], 1),
                **({"train_accuracy": sums[1] / max(sums[2], 1)} if task == "classification" else {}),

@@ -201,10 +201,6 @@ class RankAllocator:
         return {name: int(mask.sum()) for name, mask in self.mask.items()}
 
 
-def active_rank_total(ranks: Dict[str, int]) -> int:
-    return sum(ranks.values())
-
-
 def layer_ranks_by_kind(ranks: Dict[str, int]) -> Dict[str, List[int]]:
     """{'query': [ranks by layer], 'value': [...]} for a readable table."""
     kinds: Dict[str, List[int]] = {}

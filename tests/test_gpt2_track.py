@@ -117,7 +117,8 @@ def test_an_adapter_that_moves_k_does_not_load_into_q_v_thirds(tmp_path):
     randomize_lora_B(whole)
     save_adapter(whole, tmp_path)
     with pytest.raises(AdapterError, match="keeps frozen"):
-        load_adapter(apply_lora_to_model(tiny_gpt2(), ["q_proj", "v_proj"], rank=4), tmp_path)
+        # the same shapes (2 x rank 4 = rank 8) and scaling (8 / 4 = 16 / 8): only the k block tells them apart
+        load_adapter(apply_lora_to_model(tiny_gpt2(), ["q_proj", "v_proj"], rank=4, alpha=8), tmp_path)
 
 
 def test_unknown_target_exits_2_listing_roles_and_layer_names(tiny_assets, tmp_path, capsys):

@@ -111,3 +111,40 @@ def test_peft_older_bin_adapter_loads(ids, tmp_path):
     assert (tmp_path / "adapter_model.bin").is_file() and not (tmp_path / "adapter_model.safetensors").exists()
     torch.testing.assert_close(model_output(load_adapter(BUILDERS["gpt2"](), tmp_path).eval(), ids), expected,
                                rtol=0, atol=1e-5)
+
+
+def test_peft_adapter_with_trained_biases_loads_here_and_not_per_row(ids, tmp_path):
+    """PEFT with bias="all" on a classifier also writes the head's frozen original (`original_module`) and its
+    trained copy (`modules_to_save`): the trained one is the head here, the frozen one is not loaded."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["query", "value"], task_type="SEQ_CLS", bias="all")
+    peft_model = peft.get_peft_model(BUILDERS["bert"](), config)
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name or name.endswith("bias"):
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
+    expected = model_output(peft_model.eval(), ids)
+    peft_model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+    assert any(".original_module." in k for k in load_file(tmp_path / "adapter_model.safetensors"))
+    ours = load_adapter(BUILDERS["bert"](), tmp_path).eval()
+    torch.testing.assert_close(model_output(ours, ids), expected, rtol=0, atol=1e-5)
+    # one shared base cannot serve per-row biases: refused, not dropped
+    from lora_linear import AdapterError
+    from multi_lora import MultiAdapterModel
+    with pytest.raises(AdapterError, match="bias"):
+        MultiAdapterModel(BUILDERS["bert"]()).load_adapter("biased", tmp_path)
+
+
+def test_the_label_count_comes_from_the_classifier_not_pre_classifier(tmp_path):
+    # DistilBERT's pre_classifier.weight also ends in "classifier.weight"; in an older .bin it may come first
+    model = mark_only_lora_as_trainable(apply_lora_to_model(tiny_distilbert(), ["q_lin"], rank=2))
+    model.classifier = torch.nn.Linear(model.classifier.in_features, 3)
+    save_adapter(model, tmp_path)
+    from safetensors.torch import load_file
+    state = load_file(tmp_path / "adapter_model.safetensors")
+    first = sorted(state, key=lambda k: "pre_classifier" not in k)  # pre_classifier's keys first
+    torch.save({k: state[k] for k in first}, tmp_path / "adapter_model.bin")
+    (tmp_path / "adapter_model.safetensors").unlink()
+    from inference_example import num_labels_of
+    assert num_labels_of(str(tmp_path)) == 3

@@ -282,3 +282,31 @@ def test_compiled_step_trains_like_the_eager_one_on_padded_buckets(tiny_assets, 
     train, _, collate, _, _ = build_datasets(config, tokenizer)
     lengths = {batch["input_ids"].shape[1] for batch in make_loader(train, collate, 16, True, True, 0)}
     assert lengths and all(length % 32 == 0 for length in lengths)
+
+
+@pytest.mark.slow
+def test_short_last_window_averages_its_own_micro_batches_and_no_step_is_evaluated_twice(tiny_assets, tmp_path,
+                                                                                         monkeypatch):
+    divisors = []
+    real = train_lora_basic.forward_backward
+    monkeypatch.setattr(train_lora_basic, "forward_backward",
+                        lambda run, batch, last, in_window: (divisors.append(in_window), real(run, batch, last,
+                                                                                                 in_window))[1])
+    out = tmp_path / "run"
+    assert train_lora_basic.main(bert_args(tiny_assets, out, "--epochs", "1", "--gradient_accumulation_steps", "5",
+                                           "--eval_steps", "3")) == 0
+    # 12 batches in windows of 5, 5 and 2: each window's gradient is the mean over its own micro-batches
+    assert divisors == [5] * 10 + [2] * 2
+    # step 3 is both an eval_steps multiple and the epoch's end: evaluated once
+    assert [e["step"] for e in metrics_of(out)["history"]["eval"]] == [0, 3]
+
+
+@pytest.mark.parametrize("device, message", [("mps", "not mps"), ("cuda", "CUDA is not available")])
+def test_torchrun_never_falls_back_to_the_cpu_silently(monkeypatch, device, message):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)  # as on a Mac
+    from config import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        train_lora_basic.setup_distributed({"device": device})
