@@ -62,8 +62,8 @@ ROLE_LAYERS = {
              "o_proj": "attn.c_proj"},
 }
 DEFAULT_ROLES = ("q_proj", "v_proj")  # the paper adapts W_q and W_v (Section 7.1)
-# GPT-2 defaults to its whole c_attn, the course's setup: the same 294,912 parameters at r=8 on GPT-2 small
-# as the q and v thirds, with k adapted too. Pass q_proj v_proj for the paper's exact setup.
+# GPT-2 defaults to its whole c_attn, the course's count (294,912 parameters at r=8 on GPT-2 small, as for
+# the q and v thirds, with k adapted too). Pass q_proj v_proj for the paper's exact setup.
 DEFAULT_TARGETS = {"gpt2": ("c_attn",)}
 
 

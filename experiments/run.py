@@ -40,8 +40,8 @@ from harness import measure_in_child, peak_memory_during, timed_rounds, write_re
 from report import save_figure_atomic  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "experiments", "results")
-# 150 steps of batch 16. lr 1e-3, not the main config's 5e-4: in a pilot at 5e-4 one seed in three had not started
-# to learn after 150 steps (its figures were not kept), which made every comparison a race to take off.
+# 150 steps of batch 16. lr 1e-3, not the main config's 5e-4: chosen after a pilot at 5e-4 that seemed too slow to
+# start within 150 steps (its figures were not kept).
 LORA_LR = 1e-3
 BUDGET = ["--model", "minilm", "--max_train_samples", "1200", "--epochs", "2", "--logging_steps", "5",
           "--precision", "fp32", "--lr", str(LORA_LR)]
@@ -307,7 +307,7 @@ def _ia3(model):
     return get_peft_model(model, IA3Config(task_type=TaskType.SEQ_CLS))  # PEFT's BERT default: key, value, FFN out
 
 
-# learning rates from each method's paper or PEFT's examples, not tuned here
+# learning rates from the range of each method's paper or PEFT's examples (discussion.md Q10), not tuned here
 METHODS = {
     "LoRA r=8 q,v (this repo)": (_lora(), LORA_LR),
     "BitFit (biases + head)": (_bitfit, 1e-3),
