@@ -84,6 +84,8 @@ class TrainingSettings:
     logging_steps: int = key(20, "optimizer steps between log lines", low=0)
     eval_steps: int = key(0, "optimizer steps between evaluations, besides each epoch's end; 0: the epoch's end only",
                           low=0)
+    save_steps: int = key(0, "optimizer steps between checkpoints, besides each epoch's end (a killed run loses at "
+                             "most these); 0: the epoch's end only", low=0)
     max_steps: int = key(0, "stop after this many optimizer steps; 0: no limit", low=0)
     group_by_length: bool = key(True, "batches of similar length, padded only to their longest")
     pad_to_max_length: bool = key(False, "pad every batch to max_length (the course's way; slower)")
@@ -367,7 +369,7 @@ def run_folders(config: dict, track_defaults: dict, name_extra: Sequence[str] = 
 def run_name(config: dict, track_defaults: dict, extra: Sequence[str] = ()) -> str:
     """e.g. gpt2, bert-base-uncased_alpha4, bert-base-uncased_rank16_target_modules-q_proj+k_proj+v_proj."""
     ignored = {"model_name", "output_dir", "logging_dir", "device", "num_workers", "offline_model",
-               "offline_dataset", "logging_steps", "eval_batch_size"}  # these do not change the result
+               "offline_dataset", "logging_steps", "eval_batch_size", "save_steps"}  # these do not change the result
     default, current = leaves(track_defaults), leaves(config)
     model = str(config["model_name"]).rstrip("/")
     parts = [os.path.basename(model) if os.path.isdir(model) else model.replace("/", "--")] + list(extra)

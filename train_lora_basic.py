@@ -341,6 +341,12 @@ def train_loop(run: Run, callbacks: Sequence[Callable[[dict], Any]] = ()) -> boo
             # evaluate: every eval_steps, if set (and at the end of each epoch, below)
             if training["eval_steps"] and state["step"] % training["eval_steps"] == 0:
                 evaluate_and_record(run)
+            # checkpoint: every save_steps, if set (and at the end of each epoch), so a kill loses at most those
+            if run.saves and training["save_steps"] and state["step"] % training["save_steps"] == 0 \
+                    and state["batch_in_epoch"] < batches_in_epoch and state["step"] < run.total_steps:
+                state["train_time_s"] += time.time() - epoch_start
+                checkpoint_mid_epoch(run)
+                epoch_start = time.time()
             for callback in callbacks:
                 callback(state)
             if stop_requested() or state["step"] >= run.total_steps:
@@ -354,6 +360,15 @@ def train_loop(run: Run, callbacks: Sequence[Callable[[dict], Any]] = ()) -> boo
         end_epoch(run)
         epoch_start = time.time()
     return False
+
+
+def checkpoint_mid_epoch(run: Run) -> None:
+    """A checkpoint inside an epoch: the unflushed loss sums go into it as they are (see StepSums.park), and the
+    run goes on with them on the device."""
+    run.sums.park()
+    save_checkpoint(run.config["output_dir"], run.model, run.optimizer, run.scheduler, run.scaler, run.state,
+                    run.config, run.provenance)
+    del run.state["pending"]  # only for a run resumed from this checkpoint
 
 
 def progress_bar(run: Run) -> tqdm:

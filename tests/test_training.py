@@ -310,3 +310,28 @@ def test_torchrun_never_falls_back_to_the_cpu_silently(monkeypatch, device, mess
     from config import ConfigError
     with pytest.raises(ConfigError, match=message):
         train_lora_basic.setup_distributed({"device": device})
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_from_its_last_save_steps_checkpoint_as_if_never_killed(tiny_assets, tmp_path):
+    # 12 steps an epoch; checkpoints at steps 5 and 10 (save_steps), 12 (the epoch's end), 15, ...; logging every
+    # 3 steps, so the one at step 10 holds step 10's loss, not yet logged, for a resumed run only
+    args = ("--dropout", "0.1", "--save_steps", "5", "--logging_steps", "3")
+    full = tmp_path / "full"
+    assert train_lora_basic.main(bert_args(tiny_assets, full, *args)) == 0
+    part = tmp_path / "part"
+
+    def killed_at_step_14(state):  # no Ctrl-C handler runs: the process just ends (OOM, preemption, kill -9)
+        if state["step"] == 14:
+            raise SystemExit(137)
+    with pytest.raises(SystemExit):
+        train_lora_basic.main(bert_args(tiny_assets, part, *args), callbacks=[killed_at_step_14])
+    marker = json.loads((part / "checkpoint" / "checkpoint_complete.json").read_text())
+    assert marker["step"] == 12  # the last checkpoint: steps 13 on are trained again
+    assert train_lora_basic.main(bert_args(tiny_assets, part, *args, "--resume")) == 0
+    from safetensors.torch import load_file
+    a = load_file(full / "final" / "adapter_model.safetensors")
+    b = load_file(part / "final" / "adapter_model.safetensors")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
+    assert metrics_of(part)["history"]["train"] == metrics_of(full)["history"]["train"]  # the same logged losses
