@@ -403,12 +403,16 @@ def optimizer_step(run: Run) -> None:
     if run.scaler:  # fp16: gradients were scaled up against underflow; unscale before clipping
         run.scaler.unscale_(run.optimizer)
     torch.nn.utils.clip_grad_norm_(run.trainable, run.config["training"]["max_grad_norm"])
+    stepped = True
     if run.scaler:
+        scale = run.scaler.get_scale()  # a host sync, in fp16 runs only
         run.scaler.step(run.optimizer)  # skips the step if a gradient overflowed
         run.scaler.update()
+        stepped = run.scaler.get_scale() >= scale  # an overflow halves the scale
     else:
         run.optimizer.step()
-    run.scheduler.step()
+    if stepped:  # as in HF Trainer: a skipped optimizer step does not advance the schedule
+        run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)  # None, not zeros: the next backward writes instead of adding
 
 

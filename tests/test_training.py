@@ -335,3 +335,17 @@ def test_a_killed_run_resumes_from_its_last_save_steps_checkpoint_as_if_never_ki
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=1e-6)
     assert metrics_of(part)["history"]["train"] == metrics_of(full)["history"]["train"]  # the same logged losses
+
+
+def test_an_fp16_step_skipped_for_overflow_does_not_advance_the_schedule():
+    from types import SimpleNamespace
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    run = SimpleNamespace(scaler=torch.amp.GradScaler("cpu", init_scale=4.0), optimizer=optimizer,
+                          scheduler=scheduler, trainable=[weight], config={"training": {"max_grad_norm": 1.0}})
+    for grad, moves in ((float("inf"), False), (1.0, True)):
+        before, epoch = weight.detach().clone(), scheduler.last_epoch
+        run.scaler.scale((weight * grad).sum()).backward()  # as forward_backward does in an fp16 run
+        train_lora_basic.optimizer_step(run)
+        assert (scheduler.last_epoch == epoch + 1) is moves and (not torch.equal(weight, before)) is moves
