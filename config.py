@@ -16,6 +16,7 @@ import argparse
 import copy
 import dataclasses
 import difflib
+import json
 import math
 import os
 import typing
@@ -125,7 +126,7 @@ class FallbackSettings:
 class Config:
     model_name: str = key("bert-base-uncased", "a Hugging Face id or a local folder")
     task: Literal["classification", "causal_lm"] = key("classification", "default: what the model's config says")
-    num_labels: int = key(2, "classes of a classification head", low=1)
+    num_labels: int = key(2, "classes of a classification head", low=2)
     lora: LoraSettings = field(default_factory=LoraSettings)
     training: TrainingSettings = field(default_factory=TrainingSettings)
     data: DataSettings = field(default_factory=DataSettings)
@@ -157,6 +158,9 @@ def _merge(base: dict, update: dict, where: str = "") -> None:
     for name, value in update.items():
         if name not in base:
             hint = difflib.get_close_matches(name, list(base), n=1)
+            if name in LEAF_PATHS and not hint:  # a leaf of another section: rank at the top instead of lora.rank
+                hint = [".".join(LEAF_PATHS[name])]
+                where = ""
             raise ConfigError(f"unknown config key '{where}{name}'" + (f" (did you mean '{where}{hint[0]}'?)" if hint
                               else f"; allowed here: {', '.join(base)}"))
         if isinstance(base[name], dict):
@@ -217,7 +221,7 @@ def check_value(name: str, value: Any) -> Any:
     if name == "target_modules":
         if isinstance(value, str):
             value = [value]
-        if not value or not all(isinstance(v, str) and v for v in value):
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(v, str) and v for v in value):
             fail("a list of module names, or all")
         return "all" if list(value) == ["all"] else list(value)
     if name == "device":
@@ -226,8 +230,8 @@ def check_value(name: str, value: Any) -> Any:
         return value
     if value is not None and not isinstance(value, str):
         fail("a string")
-    if not optional and not value:
-        fail("a non-empty string")
+    if not value and (not optional or value == ""):
+        fail("a non-empty string" + (", or null" if optional else ""))
     return value
 
 
@@ -254,6 +258,10 @@ def validate_config(config: dict) -> dict:
             raise ConfigError(f"{name} '{data[name]}' does not exist; check the path")
         if data[name] and not data[name].endswith((".csv", ".json", ".jsonl", ".txt")):
             raise ConfigError(f"{name} '{data[name]}' must be .csv, .json, .jsonl or .txt")
+    used = {k: data[k] for k in ("text_column", "text_pair_column", "label_column") if data[k]}
+    if config["task"] == "classification" and len(set(used.values())) < len(used):
+        raise ConfigError(f"{', '.join(f'{k}: {v}' for k, v in used.items())}: a column can be only one of these "
+                          f"(the label as input text would teach the model to copy it)")
     if config["task"] == "classification" and data["train_file"] and data["train_file"].endswith(".txt"):
         raise ConfigError("classification needs labels: use a .csv or .json train_file, or task: causal_lm")
     return config
@@ -290,10 +298,45 @@ def read_yaml(path: str) -> dict:
     except UnicodeDecodeError as e:
         raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {str(e).splitlines()[0]}") from e
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"config file '{path}' is not valid YAML{where}: "
+                          f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}") from e
     if not isinstance(loaded, dict):
         raise ConfigError(f"config file '{path}' must be a mapping of keys to values")
     return loaded
+
+
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "tokenizer.model", "spiece.model",
+                   "sentencepiece.bpe.model")
+
+
+def check_model_folder(folder: str) -> None:
+    """A local model folder holds what from_pretrained needs (config.json, weights, tokenizer files): checked here,
+    before anything loads, with what to pass instead; an adapter folder is not a model."""
+    has = set(os.listdir(folder))
+    if "adapter_config.json" in has and "config.json" not in has:
+        raise ConfigError(f"'{folder}' is a LoRA adapter folder, not a model: pass its base model as --model (the "
+                          f"base_model_name_or_path in its adapter_config.json); run the adapter itself with "
+                          f"python inference_example.py --adapter_dir {folder}")
+    problem = None
+    if "config.json" not in has:
+        problem = "has no config.json"
+    else:
+        try:
+            with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+                if not isinstance(json.load(f), dict):
+                    problem = "has a config.json that is not a JSON object"
+        except (OSError, ValueError) as e:
+            problem = f"has a config.json that cannot be read ({type(e).__name__})"
+    if not problem and not has & set(WEIGHT_FILES):
+        problem = f"has no weights ({', '.join(WEIGHT_FILES[::2])})"
+    if not problem and not has & set(TOKENIZER_FILES):
+        problem = f"has no tokenizer files ({', '.join(TOKENIZER_FILES[:3])}, ...)"
+    if problem:
+        raise ConfigError(f"model folder '{folder}' {problem}; a model folder is what save_pretrained writes for the "
+                          f"model and its tokenizer")
 
 
 def leaves(tree: dict) -> dict:
@@ -315,10 +358,12 @@ def load_config(args: argparse.Namespace) -> dict:
     flags = {name: getattr(args, name) for name in LEAF_PATHS if getattr(args, name, None) is not None}
     check = copy.deepcopy(DEFAULT_CONFIG)
     _merge(check, user)  # unknown keys fail here, before anything is looked up
-    model_name = os.path.expanduser(str(flags.get("model_name") or check["model_name"]))
+    model_name = os.path.expanduser(check_value("model_name", flags.get("model_name", check["model_name"])))
     if families.is_path_like(model_name) and not os.path.isdir(model_name):
         raise ConfigError(f"model '{model_name}' looks like a path but no such folder exists; check the path, "
                           f"or pass a Hugging Face id such as gpt2 or bert-base-uncased")
+    if os.path.isdir(model_name):
+        check_model_folder(model_name)
     flags["model_name"] = model_name
     own_task, task_reason = families.detect_task(model_name)
     task = flags.get("task") or user.get("task")
@@ -328,6 +373,10 @@ def load_config(args: argparse.Namespace) -> dict:
         raise ConfigError(f"cannot tell whether '{model_name}' is a classifier or a causal LM ({task_reason}); "
                           f"pass --task classification or --task causal_lm")
     task = check_value("task", task or own_task)
+    if task == "causal_lm" and own_task == "classification":
+        raise ConfigError(f"'{model_name}' is an encoder: every position sees the whole text, the next token "
+                          f"included, so next-token training would read its answers; use a causal LM (gpt2, "
+                          f"a Llama-style model) for task causal_lm")
     track = copy.deepcopy(DEFAULT_CONFIG)
     if task == "causal_lm":
         _merge(track, read_yaml(families.track_config_path("causal_lm")))
@@ -350,6 +399,9 @@ def load_config(args: argparse.Namespace) -> dict:
     # a task other than the model's own (GPT-2 as a classifier) is part of the run's name
     name_extra = [f"task-{task}"] if own_task and task != own_task else []
     config["output_dir"], config["logging_dir"] = run_folders(config, validate_config(track), name_extra)
+    if os.path.isdir(model_name) and os.path.abspath(config["output_dir"]) == os.path.abspath(model_name):
+        raise ConfigError(f"output_dir is the model folder '{model_name}': the adapter would be written into the "
+                          f"base model; choose another output_dir")
     config["track"] = {"task": config["task"], "decided_by": task_reason,
                        "named_by_configuration": (flags.get("output_dir") or user.get("output_dir")) is None}
     return config

@@ -146,6 +146,9 @@ class LoRALayer(nn.Module):
         if self.parts and (out_features % len(self.parts) or not enabled):
             raise ValueError(f"parts {parts} must split {out_features} outputs evenly and enable at least one")
         self.out_features, self.part_size = out_features, out_features // len(self.parts or (1,))
+        if rank > min(in_features, self.part_size):  # B A of a (out x in) matrix has rank at most min(out, in)
+            raise ValueError(f"rank {rank} exceeds what a {self.part_size} x {in_features} update can use "
+                             f"(at most {min(in_features, self.part_size)}); choose rank <= that")
         self.lora_A = nn.Parameter(torch.empty(enabled * rank, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(enabled * self.part_size, rank, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -372,6 +375,10 @@ def resolve_targets(model: nn.Module,
     if bad:
         raise ValueError(f"LoRA wraps only Linear/Conv1D layers, but target_modules also match: "
                          f"{', '.join(bad[:5])}. Name the projections instead: {', '.join(leaf_names)}")
+    heads = [n for n in selected if any(n == h or n.startswith(h + ".") for h in _head_names(model))]
+    if heads:  # a classifier head is new and trains in full (modules_to_save); PEFT refuses LoRA on it too
+        raise ValueError(f"target_modules match the output head ({', '.join(heads)}), which is not adapted: a "
+                         f"classification head trains in full, an LM head stays frozen. Name the layers before it")
     resolved = {}
     for name, slices in selected.items():
         if slices is None or len(slices) == next(iter(slices))[1]:  # every slice: the plain layer

@@ -65,12 +65,18 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+# auto takes the half precision only when it is clearly faster. A near tie goes to fp32, which is exact and makes
+# the same run every time: on a small step, timing noise alone is a few tens of percent.
+HALF_PRECISION_MARGIN = 0.9
+
+
 def choose_precision(precision: str, device: torch.device,
                      seconds_per_step: Optional[Callable[[str], float]] = None) -> Tuple[str, str]:
     """(precision, why). A set precision is used as it is. auto: fp32 where the device has no native half
-    precision; otherwise, given seconds_per_step(candidate), whichever of fp32 and the half precision is
-    faster on the job's own steps (half precision is not always faster: small GPU batches wait on kernel
-    launches, and autocast adds a cast per weight per step); without it, the half precision."""
+    precision; otherwise, given seconds_per_step(candidate), the half precision where it takes at most
+    HALF_PRECISION_MARGIN of fp32's time on the job's own steps, else fp32 (half precision is not always faster:
+    small GPU batches wait on kernel launches, and autocast adds a cast per weight per step); without
+    seconds_per_step, the half precision."""
     if precision != "auto":
         return resolve_precision(precision, device), "set in the config"
     half = native_half_precision(device)
@@ -79,9 +85,11 @@ def choose_precision(precision: str, device: torch.device,
     if seconds_per_step is None:
         return half, f"auto: {half} is native on {device.type}"
     times = {candidate: seconds_per_step(candidate) for candidate in ("fp32", half)}
-    best = min(times, key=times.get)
     measured = ", ".join(f"{c} {t * 1000:.0f} ms" for c, t in times.items())
-    return best, f"auto: the faster on this job's longest batch ({measured} per step)"
+    if times[half] <= HALF_PRECISION_MARGIN * times["fp32"]:
+        return half, f"auto: the faster on this job's longest batch ({measured} per step)"
+    return "fp32", (f"auto: fp32, as {half} was not at least {1 - HALF_PRECISION_MARGIN:.0%} faster on this job's "
+                    f"longest batch ({measured} per step)")
 
 
 def autocast_context(precision: str, device: torch.device) -> AbstractContextManager:
@@ -113,14 +121,17 @@ def set_seed(seed: int) -> None:
 
 
 def seconds_per_training_step(model: torch.nn.Module, batch: dict, precision: str, device: torch.device,
-                              repeats: int = 2) -> float:
-    """The fastest of `repeats` forward + backward passes on `batch` (after one warm-up), leaving no trace:
+                              repeats: int = 2, min_seconds: float = 0.3, max_repeats: int = 30) -> float:
+    """The fastest of at least `repeats` forward + backward passes on `batch` (after one warm-up), more while
+    they add up to under min_seconds (a millisecond step needs many to be timed reliably), leaving no trace:
     gradients are cleared and the random state (dropout masks) is put back, so a run that measured first
     trains exactly like one that did not."""
     cpu_rng = torch.get_rng_state()
     cuda_rng = torch.cuda.get_rng_state_all() if device.type == "cuda" else None
     times = []
-    for i in range(repeats + 1):
+    for i in range(max_repeats + 1):
+        if i > repeats and sum(times) >= min_seconds:
+            break
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()

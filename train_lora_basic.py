@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 from config import ConfigError, build_arg_parser, load_config
@@ -152,8 +153,15 @@ def load_model(config: dict, base_dtype: str, prepare: Optional[Callable[[nn.Mod
     configured targets, only LoRA (and the chosen biases) trainable. prepare(model) replaces the LoRA step."""
     lora = config["lora"]
     check_local_head(config)
-    model, tokenizer, provenance = load_base_model(config["model_name"], config["task"], config["num_labels"],
-                                                   config["fallback"]["offline_model"], base_dtype)
+    try:
+        model, tokenizer, provenance = load_base_model(config["model_name"], config["task"], config["num_labels"],
+                                                       config["fallback"]["offline_model"], base_dtype)
+    except ConfigError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError, SafetensorError) as e:  # e.g. truncated weights
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ConfigError(f"model '{config['model_name']}' cannot be loaded as a {config['task']} model "
+                          f"({type(e).__name__}: {first})") from None
     check_max_length(model, config["training"]["max_length"])
     if prepare is not None:
         return trainable_to_fp32(prepare(model)), tokenizer, provenance

@@ -169,6 +169,80 @@ def test_non_utf8_yaml_config(tmp_path):
     assert_one_line_exit_2(result.returncode, result.stderr, "is not UTF-8 text")
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("rank: 8\n", "unknown config key 'rank' (did you mean 'lora.rank'?)"),  # a leaf one level too high
+    ("lora:\n  target_modules: {query: 1}\n", "a list of module names, or all"),
+    ("data:\n  text_pair_column: ''\n", "a non-empty string, or null"),
+    ("data:\n  text_column: label\n", "a column can be only one of these"),  # the label as its own input
+    ("lora:\n  rank: 8\n alpha: 16\n", "is not valid YAML at line 3, column"),
+    ("num_labels: 1\n", "invalid value for 'num_labels'"),
+])
+def test_bad_config_files(text, expected, tiny_assets, tmp_path, capsys):
+    config = write(tmp_path / "config.yaml", text)
+    refused(capsys, train_args(tiny_assets, tmp_path / "out", tiny_assets["train_csv"], "--config", str(config)),
+            expected, tmp_path / "out")
+
+
+def model_folder_missing(tiny_assets, tmp_path, *missing, config_text=None):
+    """A copy of the tiny BERT folder without `missing` files (or with config.json replaced by config_text)."""
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_assets["bert"], folder)
+    for name in missing:
+        os.remove(folder / name)
+    if config_text is not None:
+        (folder / "config.json").write_text(config_text)
+    return folder
+
+
+@pytest.mark.parametrize("missing, config_text, expected", [
+    (("config.json",), None, "has no config.json"),
+    ((), "[1, 2]", "has a config.json that is not a JSON object"),
+    ((), "{not json", "has a config.json that cannot be read"),
+    (("model.safetensors",), None, "has no weights (model.safetensors, pytorch_model.bin)"),
+    (("tokenizer.json",), None, "has no tokenizer files"),
+])
+def test_incomplete_model_folder_is_named_before_loading(missing, config_text, expected, tiny_assets, tmp_path,
+                                                          capsys):
+    folder = model_folder_missing(tiny_assets, tmp_path, *missing, config_text=config_text)
+    args = train_args(tiny_assets, tmp_path / "out", tiny_assets["train_csv"], "--model", str(folder))
+    refused(capsys, args, f"model folder '{folder}' {expected}", tmp_path / "out")
+
+
+def test_truncated_weights_are_a_one_line_error(tiny_assets, tmp_path, capsys):
+    folder = model_folder_missing(tiny_assets, tmp_path)
+    weights = folder / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted download
+    args = train_args(tiny_assets, tmp_path / "out", tiny_assets["train_csv"], "--model", str(folder))
+    refused(capsys, args, f"model '{folder}' cannot be loaded as a classification model", tmp_path / "out")
+
+
+def test_an_adapter_folder_passed_as_the_model(tiny_runs, tiny_assets, tmp_path, capsys):
+    refused(capsys, train_args(tiny_assets, tmp_path / "out", tiny_assets["train_csv"], "--model", tiny_runs["bert"]),
+            "is a LoRA adapter folder, not a model: pass its base model as --model", tmp_path / "out")
+
+
+def test_an_encoder_as_a_causal_lm(tiny_assets, tmp_path, capsys):
+    refused(capsys, train_args(tiny_assets, tmp_path / "out", tiny_assets["train_txt"], "--task", "causal_lm"),
+            "is an encoder: every position sees the whole text", tmp_path / "out")
+
+
+def test_output_dir_that_is_the_model_folder(tiny_assets, tmp_path, capsys):
+    folder = model_folder_missing(tiny_assets, tmp_path)
+    before = sorted(os.listdir(folder))
+    code = train_lora_basic.main(train_args(tiny_assets, folder, tiny_assets["train_csv"], "--model", str(folder)))
+    assert_one_line_exit_2(code, capsys.readouterr().err, "output_dir is the model folder")
+    assert sorted(os.listdir(folder)) == before
+
+
+@pytest.mark.parametrize("targets, expected", [
+    (["classifier"], "target_modules match the output head (classifier)"),
+    (["query", "--rank", "64"], "rank 64 exceeds what a 32 x 32 update can use (at most 32)"),
+])
+def test_targets_that_cannot_be_adapted(targets, expected, tiny_assets, tmp_path, capsys):
+    refused(capsys, train_args(tiny_assets, tmp_path / "out", tiny_assets["train_csv"], "--target_modules", *targets),
+            expected, tmp_path / "out")
+
+
 # --------------------------------------------------------------------------- checkpoints on --resume
 
 @pytest.fixture

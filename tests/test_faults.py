@@ -31,7 +31,7 @@ def run_args(assets, out, *extra):
     return ["--model", assets["bert"], "--train_file", assets["train_csv"], "--validation_file",
             assets["validation_csv"], "--output_dir", str(out), "--epochs", "3", "--batch_size", "16",
             "--lr", "1e-2", "--logging_steps", "5", "--max_length", "32", "--dropout", "0.1", "--device", "cpu",
-            *extra]
+            "--precision", "fp32", *extra]  # auto times fp32 against bf16 on a native-bf16 CPU: two runs could differ
 
 
 def outputs(out):

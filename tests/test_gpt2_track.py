@@ -297,6 +297,8 @@ def test_a_fallback_of_the_wrong_kind_exits_2(tiny_assets, argv, message, capsys
 
 def test_a_config_naming_no_known_architecture_asks_for_the_task(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "something_new"}))
+    for name in ("model.safetensors", "tokenizer.json"):  # never read: the task is asked for first
+        (tmp_path / name).write_text("")
     assert train_lora_basic.main(["--model", str(tmp_path)]) == 2
     assert "pass --task classification or --task causal_lm" in capsys.readouterr().err
 

@@ -13,17 +13,23 @@ from lora_linear import load_adapter
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# precision auto times fp32 against bf16 on a CPU with native bf16, and a near tie can go either way: tests that
+# compare two runs pin it (test_precision covers auto; a later --precision in extra wins)
+PINNED = ("--precision", "fp32")
+
+
 def bert_args(assets, out, *extra):
     return ["--model", assets["bert"], "--train_file", assets["train_csv"], "--validation_file",
             assets["validation_csv"], "--output_dir", str(out), "--epochs", "3", "--batch_size", "16",
-            "--lr", "1e-2", "--logging_steps", "2", "--max_length", "32", "--device", "cpu", *extra]
+            "--lr", "1e-2", "--logging_steps", "2", "--max_length", "32", "--device", "cpu", *PINNED, *extra]
 
 
 def gpt2_args(assets, out, *extra):
     return ["--model", assets["gpt2"], "--task", "causal_lm", "--target_modules", "c_attn",
             "--train_file", assets["train_txt"], "--validation_file", assets["validation_txt"],
             "--output_dir", str(out), "--epochs", "2", "--batch_size", "4", "--lr", "5e-3",
-            "--max_length", "32", "--logging_steps", "2", "--group_by_length", "false", "--device", "cpu", *extra]
+            "--max_length", "32", "--logging_steps", "2", "--group_by_length", "false", "--device", "cpu", *PINNED,
+            *extra]
 
 
 def metrics_of(out):
@@ -226,7 +232,8 @@ def test_half_precision_base_trains_fp32_lora_weights_and_head(tiny_assets, tmp_
 
 
 def test_fp16_on_cpu_is_refused_before_training(tiny_assets, tmp_path, capsys):
-    assert train_lora_basic.main(bert_args(tiny_assets, tmp_path / "run", "--fp16")) == 2
+    args = [a for a in bert_args(tiny_assets, tmp_path / "run", "--fp16") if a not in PINNED]  # --fp16 alone
+    assert train_lora_basic.main(args) == 2
     assert "fp16 autocast needs a GPU" in capsys.readouterr().err
 
 
