@@ -339,7 +339,11 @@ def section_e2e(args, device):
     }
     auto = resolve_precision("auto", device)
     if auto != "fp32":
-        runs[f"this repo (train_lora_basic.py), auto = {auto}"] = (ours + ["--precision", "auto"], auto)
+        # auto measures fp32 against the half precision before training; the defaults also store the frozen
+        # weights in bf16 when bf16 wins (base_dtype auto): what a user of this repo runs
+        runs[f"this repo (train_lora_basic.py), auto (frozen weights fp32)"] = (ours + ["--precision", "auto"], auto)
+        runs[f"this repo, the defaults (precision auto, base_dtype auto)"] = (
+            [sys.executable, "train_lora_basic.py", *common], auto)
         runs[f"HF Trainer + PEFT, {auto}"] = (reference + ["--precision", auto], auto)
     if args.quick:
         runs = {k: (cmd + ["--max_train_samples", "64", "--max_eval_samples", "32"], p) for k, (cmd, p) in runs.items()}
@@ -349,18 +353,20 @@ def section_e2e(args, device):
             if "padding to 128" in name and i > 0:
                 continue  # 5x slower than the others; one seed shows it
             metrics = run_training_command(cmd + ["--seed", str(seed)], name)
-            results[name].append((metrics["train_time_s"], metrics["best"]["value"]))
-            print(f"  seed {seed}: {name}: {metrics['train_time_s']:.1f} s, accuracy {metrics['best']['value']:.4f}",
-                  flush=True)
-    seconds = {name: statistics.median(t for t, _ in rows) for name, rows in results.items()}
+            chosen = metrics.get("precision", precision)  # the Trainer's is the one it was given
+            results[name].append((metrics["train_time_s"], metrics["best"]["value"], chosen))
+            print(f"  seed {seed}: {name}: {metrics['train_time_s']:.1f} s, accuracy {metrics['best']['value']:.4f}, "
+                  f"precision {chosen} ({metrics.get('precision_reason', 'set')})", flush=True)
+    seconds = {name: statistics.median(t for t, _, _ in rows) for name, rows in results.items()}
+    trainers = [name for name in runs if name.startswith("HF Trainer")]
     for name, rows in results.items():
-        precision = runs[name][1]
-        accuracies = [a for _, a in rows]
+        accuracies = [a for _, a, _ in rows]
         spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        versus = "; ".join(f"{seconds[name] / seconds[t]:.2f}x Trainer ({runs[t][1]})" for t in trainers)
         record("e2e", name, seconds[name], "s/epoch (median)",
-               f"{seconds[name] / seconds[f'HF Trainer + PEFT, {precision}']:.2f}x Trainer ({precision}); accuracy "
-               f"mean {statistics.mean(accuracies):.4f} std {spread:.4f} over {len(rows)} seed(s): "
-               + ", ".join(f"{a:.4f}" for a in accuracies))
+               f"{versus}; accuracy mean {statistics.mean(accuracies):.4f} std {spread:.4f} over {len(rows)} "
+               f"seed(s): " + ", ".join(f"{a:.4f}" for a in accuracies)
+               + "; precision per seed: " + ", ".join(p for _, _, p in rows))
     grouped, random_batches, real = batching_floor(args.seeds[0])
     floor = grouped / random_batches
     ours_ratio = seconds["this repo (train_lora_basic.py), fp32"] / seconds["HF Trainer + PEFT, fp32"]

@@ -126,13 +126,13 @@ def test_precision_and_end_to_end_sections_run_the_real_commands(tmp_path):
     trainer = rows[("e2e", "HF Trainer + PEFT, fp32")]
     assert ours["value"] > 0 and trainer["value"] > 0
     # the ratio is this repo's time over the Trainer's, both as recorded
-    assert ours["ratio"].startswith(f"{ours['value'] / trainer['value']:.2f}x Trainer (fp32); accuracy ")
+    assert ours["ratio"].startswith(f"{ours['value'] / trainer['value']:.2f}x Trainer (fp32); ")  # (then bf16's)
     # --quick evaluates 32 sentences: an accuracy is a count of right answers over 32
     accuracy = rows[("precision", "fp32: best accuracy, mean over seeds")]["value"]
     assert accuracy * 32 == pytest.approx(round(accuracy * 32), abs=1e-9)
     # the precision section's fp32 run at seed 42 is the e2e section's fp32 run (same command, seed 42 is the
     # default): the two sections must report the same accuracy for it
-    assert ours["ratio"].endswith(f"over 1 seed(s): {accuracy:.4f}")
+    assert ours["ratio"].endswith(f"over 1 seed(s): {accuracy:.4f}; precision per seed: fp32")
     # the floor row: this repo's ratio over the tokens ratio, as recorded
     floor = rows[("e2e", "batching floor: tokens computed, length-grouped / random batches")]
     assert floor["ratio"].endswith(f"= {ours['value'] / trainer['value'] / floor['value']:.3f}x the floor")
