@@ -105,5 +105,13 @@ def detect_task(model_name: str) -> tuple:
     return None, "unknown"
 
 
+def is_encoder(model_name: str) -> bool:
+    """True when the checkpoint's own config names an encoder family (BERT, RoBERTa, ...): every position sees the
+    whole text, so it cannot learn next-token prediction. A decoder fine-tuned as a classifier is not one."""
+    config = read_model_config(model_name)
+    family = FAMILIES.get(config.get("model_type")) if config else None
+    return family is not None and family.task == "classification"
+
+
 def track_config_path(task: str) -> str:
     return os.path.join(ROOT, TRACKS[task].config)

@@ -146,9 +146,6 @@ class LoRALayer(nn.Module):
         if self.parts and (out_features % len(self.parts) or not enabled):
             raise ValueError(f"parts {parts} must split {out_features} outputs evenly and enable at least one")
         self.out_features, self.part_size = out_features, out_features // len(self.parts or (1,))
-        if rank > min(in_features, self.part_size):  # B A of a (out x in) matrix has rank at most min(out, in)
-            raise ValueError(f"rank {rank} exceeds what a {self.part_size} x {in_features} update can use "
-                             f"(at most {min(in_features, self.part_size)}); choose rank <= that")
         self.lora_A = nn.Parameter(torch.empty(enabled * rank, in_features, device=device, dtype=dtype))
         self.lora_B = nn.Parameter(torch.empty(enabled * self.part_size, rank, device=device, dtype=dtype))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -298,9 +295,14 @@ def lora_layers(model: nn.Module) -> List[Tuple[str, LinearWithLoRA]]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, LinearWithLoRA)]
 
 
+def _classifier_names(model):
+    """Module names of a sequence-classification head ('classifier', 'score'): new, trained in full."""
+    return {n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)}
+
+
 def _head_names(model):
     """Module names of the output head: the LM head and classification heads (never adapted by 'all')."""
-    names = {n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)}
+    names = _classifier_names(model)
     get_out = getattr(model, "get_output_embeddings", None)
     out_emb = get_out() if callable(get_out) else None
     names.update(n for n, m in model.named_modules() if out_emb is not None and m is out_emb)
@@ -375,10 +377,12 @@ def resolve_targets(model: nn.Module,
     if bad:
         raise ValueError(f"LoRA wraps only Linear/Conv1D layers, but target_modules also match: "
                          f"{', '.join(bad[:5])}. Name the projections instead: {', '.join(leaf_names)}")
-    heads = [n for n in selected if any(n == h or n.startswith(h + ".") for h in _head_names(model))]
-    if heads:  # a classifier head is new and trains in full (modules_to_save); PEFT refuses LoRA on it too
-        raise ValueError(f"target_modules match the output head ({', '.join(heads)}), which is not adapted: a "
-                         f"classification head trains in full, an LM head stays frozen. Name the layers before it")
+    heads = [n for n in selected if any(n == h or n.startswith(h + ".") for h in _classifier_names(model))]
+    for name in heads:  # a new classification head trains in full (modules_to_save): PEFT skips it as a target too
+        del selected[name]
+    if heads and not selected:
+        raise ValueError(f"target_modules match only the classification head ({', '.join(heads)}), which trains "
+                         f"in full anyway; name layers before it: {', '.join(leaf_names)}")
     resolved = {}
     for name, slices in selected.items():
         if slices is None or len(slices) == next(iter(slices))[1]:  # every slice: the plain layer

@@ -71,10 +71,11 @@ class ChunkedCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, **kwargs: Any) -> ModelOutput:
-        """CausalLMOutput with .loss only (no logits), computed chunk by chunk. Without labels, with a trainable or
-        biased head, or on an architecture outside PLAIN_HEADS: the model's own forward and output."""
+        """CausalLMOutput with .loss only (no logits), computed chunk by chunk. Without labels, with a trainable,
+        LoRA-adapted or biased head, or on an architecture outside PLAIN_HEADS: the model's own forward and output."""
         head = self.model.get_output_embeddings()
-        if (labels is None or head is None or head.weight.requires_grad or getattr(head, "bias", None) is not None
+        if (labels is None or not isinstance(head, nn.Linear) or head.weight.requires_grad  # adapted or trained
+                or getattr(head, "bias", None) is not None
                 or getattr(self.model.config, "model_type", None) not in PLAIN_HEADS):
             return self.model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, **kwargs)
         hidden = self.model.base_model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,

@@ -110,11 +110,32 @@ def _in_hf_cache(model_name):
         return False
 
 
+def load_error_line(e: Exception) -> str:
+    """One line for an error from from_pretrained: its type and first line, or the line that names a size
+    mismatch (a head of another size) when its message lists one per tensor."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    line = next((line for line in lines if "size mismatch" in line), lines[0] if lines else "")
+    return f"{type(e).__name__}: {line[:300]}"
+
+
 def load_base_model(model_name: str, task: str, num_labels: int = 2, fallback: Optional[str] = None,
                     dtype: str = "fp32") -> Tuple["torch.nn.Module", Any, dict]:
     """(model, tokenizer, provenance) for training and inference alike. dtype (fp32 | bf16 | fp16) is always
     passed: transformers 5 would otherwise load the checkpoint's own dtype, bf16 for most new LLMs, which
-    a CPU without native bf16 runs many times slower than fp32."""
+    a CPU without native bf16 runs many times slower than fp32. A checkpoint that cannot be loaded (truncated
+    weights, a head of another size, missing tokenizer files) or a fallback that cannot be fetched is a
+    ConfigError of one line."""
+    from safetensors import SafetensorError
+    try:
+        return _load_base_model(model_name, task, num_labels, fallback, dtype)
+    except assets.AssetError as e:
+        raise ConfigError(f"the offline fallback for '{model_name}' could not be prepared: {e}") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+        raise ConfigError(f"model '{model_name}' cannot be loaded as a {task} model ({load_error_line(e)})") from None
+
+
+def _load_base_model(model_name: str, task: str, num_labels: int, fallback: Optional[str],
+                     dtype: str) -> Tuple["torch.nn.Module", Any, dict]:
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -156,8 +177,10 @@ def check_local_head(config: dict) -> None:
     except (OSError, ValueError, AttributeError, TypeError):
         return  # unreadable: transformers reports it
     if has_head and isinstance(labels, int) and labels != config["num_labels"]:
+        fix = (f"set num_labels: {labels} or start from a model without a head" if labels >= 2 else
+               "start from a model without a head (a 1-output head is a regressor)")
         raise ConfigError(f"model '{config['model_name']}' has a {labels}-label classification head but num_labels "
-                          f"is {config['num_labels']}; set num_labels: {labels} or start from a model without a head")
+                          f"is {config['num_labels']}; {fix}")
 
 
 # ----------------------------------------------------------------------------- data

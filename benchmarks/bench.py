@@ -4,7 +4,8 @@ Speed and memory of this repo's LoRA against what users would pick instead. One 
     python benchmarks/bench.py                 # everything below, then a table (several minutes on 2 cores)
     python benchmarks/bench.py --only step     # a subset of: step inference memory padding multi e2e precision
                                                #              profile compile causal (and, only on request,
-                                               #              tests: the test suite's wall time)
+                                               #              tests: the test suite's wall time, and sst2_epoch:
+                                               #              one SST-2-sized epoch, for a GPU)
     python benchmarks/bench.py --device cuda   # on the GPU (adds a larger step shape and the auto precision runs)
     python benchmarks/bench.py --quick         # tiny model, a smoke test (used by the tests)
 
@@ -327,6 +328,7 @@ def section_e2e(args, device):
     precision is not fp32 (a GPU, a CPU with native bf16), both are also run at that precision."""
     print(f"end to end: one epoch of the 3,600 bundled sentences (MiniLM, r=8 q,v, lr 5e-4, batch 16), "
           f"seeds {args.seeds}")
+    os.environ["HF_HUB_OFFLINE"] = "1"  # both sides on MiniLM and the bundled sentences, also where the Hub is reachable
     common = ["--epochs", "1", "--lr", "5e-4", "--device", str(device)]
     # fp32 frozen weights on both sides (the Trainer keeps fp32 master weights): only the loop differs
     ours = [sys.executable, "train_lora_basic.py", "--base_dtype", "fp32", *common]
@@ -341,8 +343,8 @@ def section_e2e(args, device):
     if auto != "fp32":
         # auto measures fp32 against the half precision before training; the defaults also store the frozen
         # weights in bf16 when bf16 wins (base_dtype auto): what a user of this repo runs
-        runs[f"this repo (train_lora_basic.py), auto (frozen weights fp32)"] = (ours + ["--precision", "auto"], auto)
-        runs[f"this repo, the defaults (precision auto, base_dtype auto)"] = (
+        runs["this repo (train_lora_basic.py), auto (frozen weights fp32)"] = (ours + ["--precision", "auto"], auto)
+        runs["this repo, the defaults (precision auto, base_dtype auto)"] = (
             [sys.executable, "train_lora_basic.py", *common], auto)
         runs[f"HF Trainer + PEFT, {auto}"] = (reference + ["--precision", auto], auto)
     if args.quick:
@@ -373,6 +375,74 @@ def section_e2e(args, device):
     record("e2e", "batching floor: tokens computed, length-grouped / random batches", floor, "x Trainer",
            f"{grouped:,} / {random_batches:,} tokens (real {real:,}); this repo fp32 at {ours_ratio:.2f}x = "
            f"{ours_ratio / floor:.3f}x the floor")
+    return results
+
+
+SST2_TRAIN_ROWS = 67_349  # sentences in GLUE SST-2's training split
+
+
+def sst2_sized_files(folder, rows=SST2_TRAIN_ROWS, seed=42):
+    """(train.csv, validation.csv, what they hold): GLUE SST-2 where the Hub is reachable; otherwise the bundled
+    Rotten Tomatoes training sentences (sentence-length text, like SST-2's) repeated to `rows`, evaluated on the
+    bundled 400. An epoch then takes as many steps as one of the real SST-2."""
+    import csv
+    import assets
+    from sources import hub_reachable
+    if hub_reachable() and rows == SST2_TRAIN_ROWS:
+        from datasets import load_dataset
+        sst2 = load_dataset("glue", "sst2")
+        train, validation, what = list(sst2["train"]), list(sst2["validation"]), "GLUE SST-2"
+    else:
+        train, validation = assets.rotten_tomatoes(seed=seed)
+        what = f"the bundled Rotten Tomatoes sentences repeated to {rows:,}"
+        train = [train[i % len(train)] for i in range(rows)]
+    paths = []
+    for name, split in (("train.csv", train), ("validation.csv", validation)):
+        path = os.path.join(folder, name)
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["sentence", "label"], extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(split)
+        paths.append(path)
+    return paths[0], paths[1], what
+
+
+def section_sst2_epoch(args, device):
+    """One SST-2-sized epoch (67,349 sentences, about 4,200 steps of 16): where a GPU's per-step overhead shows.
+    This repo's defaults, eager and with --compile (fixed bucket shapes; on CUDA mode reduce-overhead, CUDA
+    graphs), against HF Trainer + PEFT in fp32 and, where auto is not fp32, in that precision; once per seed.
+    On request only (--only sst2_epoch): on a 2-core CPU one epoch takes about half an hour per run."""
+    import tempfile
+    rows = 256 if args.quick else SST2_TRAIN_ROWS
+    train_file, validation_file, what = sst2_sized_files(tempfile.mkdtemp(), rows, args.seeds[0])
+    print(f"SST-2-sized epoch: {what}; MiniLM, r=8 q,v, lr 5e-4, batch 16, seeds {args.seeds}")
+    data = ["--train_file", train_file, "--validation_file", validation_file]
+    common = ["--epochs", "1", "--lr", "5e-4", "--device", str(device), *data]
+    ours = [sys.executable, "train_lora_basic.py", "--model", "minilm", *common]
+    reference = [sys.executable, HF_REFERENCE, *common]
+    auto = resolve_precision("auto", device)
+    runs = {"this repo, the defaults": ours, "this repo, --compile": ours + ["--compile", "true"],
+            "HF Trainer + PEFT, fp32": reference + ["--precision", "fp32"]}
+    if auto != "fp32":
+        runs[f"HF Trainer + PEFT, {auto}"] = reference + ["--precision", auto]
+    if args.quick:
+        runs = {k: cmd + ["--max_eval_samples", "32"] for k, cmd in runs.items()}
+    results = {name: [] for name in runs}
+    for seed in args.seeds:
+        for name, cmd in runs.items():
+            metrics = run_training_command(cmd + ["--seed", str(seed)], name)
+            results[name].append((metrics["train_time_s"], metrics["best"]["value"]))
+            print(f"  seed {seed}: {name}: {metrics['train_time_s']:.1f} s, accuracy {metrics['best']['value']:.4f}, "
+                  f"precision {metrics.get('precision', 'as given')}", flush=True)
+    seconds = {name: statistics.median(t for t, _ in rows_) for name, rows_ in results.items()}
+    trainers = [name for name in runs if name.startswith("HF Trainer")]
+    for name, rows_ in results.items():
+        accuracies = [a for _, a in rows_]
+        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        versus = "; ".join(f"{seconds[name] / seconds[t]:.2f}x {t.split(', ')[1]} Trainer" for t in trainers)
+        record("sst2_epoch", name, seconds[name], "s/epoch (median)",
+               f"{versus}; accuracy mean {statistics.mean(accuracies):.4f} std {spread:.4f} over {len(rows_)} "
+               f"seed(s): " + ", ".join(f"{a:.4f}" for a in accuracies))
     return results
 
 
@@ -521,8 +591,9 @@ def section_tests(args, device):
 
 SECTIONS = {"step": section_step, "inference": section_inference, "memory": section_memory,
             "padding": section_padding, "multi": section_multi, "e2e": section_e2e, "precision": section_precision,
-            "profile": section_profile, "compile": section_compile, "causal": section_causal, "tests": section_tests}
-ON_REQUEST = ("tests",)  # not part of a plain `python benchmarks/bench.py`
+            "profile": section_profile, "compile": section_compile, "causal": section_causal, "tests": section_tests,
+            "sst2_epoch": section_sst2_epoch}
+ON_REQUEST = ("tests", "sst2_epoch")  # not part of a plain `python benchmarks/bench.py`
 
 
 def build_parser():

@@ -137,3 +137,36 @@ def test_precision_and_end_to_end_sections_run_the_real_commands(tmp_path):
     floor = rows[("e2e", "batching floor: tokens computed, length-grouped / random batches")]
     assert floor["ratio"].endswith(f"= {ours['value'] / trainer['value'] / floor['value']:.3f}x the floor")
     assert rows[("precision", "fp32: best accuracy, mean over seeds")]["ratio"].endswith(f"seeds 42: {accuracy:.4f}")
+
+
+@pytest.mark.integration
+def test_the_sst2_sized_epoch_repeats_the_bundled_sentences_offline(tmp_path, monkeypatch):
+    import csv
+    import assets
+    import bench
+    import sources
+    monkeypatch.setattr(sources, "hub_reachable", lambda: False)
+    train_file, validation_file, what = bench.sst2_sized_files(str(tmp_path), rows=9000, seed=42)
+    train, validation = assets.rotten_tomatoes(seed=42)
+    with open(train_file, newline="") as f:
+        written = list(csv.DictReader(f))
+    assert len(written) == 9000 and "repeated to 9,000" in what
+    # every bundled training sentence, in order, then again from the start: no validation sentence among them
+    assert [r["sentence"] for r in written[:len(train)]] == [r["sentence"] for r in train]
+    assert written[len(train)] == {"sentence": train[0]["sentence"], "label": str(train[0]["label"])}
+    with open(validation_file, newline="") as f:
+        assert [r["sentence"] for r in csv.DictReader(f)] == [r["sentence"] for r in validation]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_the_sst2_sized_epoch_section_runs_both_sides_on_the_same_files(tmp_path):
+    import bench
+    out = tmp_path / "results.json"
+    assert bench.main(["--quick", "--only", "sst2_epoch", "--seeds", "42", "--output", str(out)]) == 0
+    rows = {r["contender"]: r for r in json.loads(out.read_text())["rows"]}
+    assert {"this repo, the defaults", "this repo, --compile", "HF Trainer + PEFT, fp32"} <= set(rows)
+    trainer = rows["HF Trainer + PEFT, fp32"]["value"]
+    for row in rows.values():  # each ratio is the row's time over the Trainer's, as recorded
+        assert row["ratio"].startswith(f"{row['value'] / trainer:.2f}x fp32 Trainer")
+        assert "over 1 seed(s)" in row["ratio"]

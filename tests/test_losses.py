@@ -37,6 +37,18 @@ def test_a_trainable_head_uses_the_models_own_loss():
     assert out.logits is not None and out.logits.shape == (2, 9, 100)
 
 
+def test_a_lora_adapted_lm_head_uses_the_models_own_loss_and_trains():
+    # PEFT allows lm_head as a target; the chunked loss reads the head's plain weight, which would skip B A
+    model = mark_only_lora_as_trainable(apply_lora_to_model(BUILDERS["gpt2"](), ["c_attn", "lm_head"], rank=4))
+    randomize_lora_B(model)
+    ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    out = ChunkedCausalLM(model)(input_ids=ids, labels=ids)
+    assert out.logits is not None  # the model's own forward, through the adapted head
+    torch.testing.assert_close(out.loss, model(input_ids=ids, labels=ids).loss)
+    out.loss.backward()
+    assert model.lm_head.lora.lora_A.grad.abs().sum() > 0
+
+
 def test_under_bf16_autocast_the_chunked_loss_stays_close_to_the_models_own():
     model = mark_only_lora_as_trainable(apply_lora_to_model(BUILDERS["llama"](), None, rank=4))
     randomize_lora_B(model)
