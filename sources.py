@@ -128,6 +128,8 @@ def load_base_model(model_name: str, task: str, num_labels: int = 2, fallback: O
     from safetensors import SafetensorError
     try:
         return _load_base_model(model_name, task, num_labels, fallback, dtype)
+    except ConfigError:
+        raise
     except assets.AssetError as e:
         raise ConfigError(f"the offline fallback for '{model_name}' could not be prepared: {e}") from None
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
@@ -155,6 +157,13 @@ def _load_base_model(model_name: str, task: str, num_labels: int, fallback: Opti
     finally:
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
+    vocabulary = getattr(model.config, "vocab_size", None)
+    if isinstance(vocabulary, int) and len(tokenizer) < vocabulary // 2:
+        # transformers 5 builds an empty tokenizer (special tokens only) for a folder without tokenizer files:
+        # every word would become [UNK] and the run would train on nothing
+        raise ConfigError(f"model '{model_name}': its tokenizer has {len(tokenizer)} tokens for a model of "
+                          f"{vocabulary}; the tokenizer files (tokenizer.json, vocab.txt, ...) are missing: save "
+                          f"the tokenizer into that folder too (tokenizer.save_pretrained)")
     if tokenizer.pad_token is None:  # GPT-2 and Llama ship without one
         tokenizer.pad_token = tokenizer.eos_token
     if model.config.pad_token_id is None:

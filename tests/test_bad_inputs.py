@@ -199,7 +199,6 @@ def model_folder_missing(tiny_assets, tmp_path, *missing, config_text=None):
     ((), "[1, 2]", "has a config.json that is not a JSON object"),
     ((), "{not json", "has a config.json that cannot be read"),
     (("model.safetensors",), None, "has no weights (model.safetensors, pytorch_model.bin)"),
-    (("tokenizer.json",), None, "has no tokenizer files"),
 ])
 def test_incomplete_model_folder_is_named_before_loading(missing, config_text, expected, tiny_assets, tmp_path,
                                                           capsys):
@@ -214,6 +213,12 @@ def test_truncated_weights_are_a_one_line_error(tiny_assets, tmp_path, capsys):
     weights.write_bytes(weights.read_bytes()[:1000])  # an interrupted download
     args = train_args(tiny_assets, tmp_path / "out", tiny_assets["train_csv"], "--model", str(folder))
     refused(capsys, args, f"model '{folder}' cannot be loaded as a classification model", tmp_path / "out")
+
+
+def test_a_model_folder_without_its_tokenizer_is_refused(tiny_assets, tmp_path, capsys):
+    folder = model_folder_missing(tiny_assets, tmp_path, "tokenizer.json", "tokenizer_config.json")
+    args = train_args(tiny_assets, tmp_path / "out", tiny_assets["train_csv"], "--model", str(folder))
+    refused(capsys, args, "its tokenizer has 5 tokens for a model of 29; the tokenizer files", tmp_path / "out")
 
 
 def test_an_adapter_folder_passed_as_the_model(tiny_runs, tiny_assets, tmp_path, capsys):
