@@ -611,6 +611,7 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    ROWS.clear()  # one results file per call (tests call main several times in one process)
     if args.quick:
         args.rounds = 2
     device = pick_device(args.device)

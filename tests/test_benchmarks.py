@@ -111,8 +111,9 @@ def test_tests_section_times_pytest_and_only_on_request(tmp_path):
     for r in rows:  # pytest's own summary, and a wall time that includes pytest's own timing of the tests
         passed = r["ratio"].split(" in ")
         assert passed[0].endswith("passed") and r["value"] >= float(passed[1].rstrip("s"))
-    default = bench.build_parser().parse_args([]).only  # a plain run: every section but this one
-    assert "tests" not in default and set(default) | {"tests"} == set(bench.SECTIONS)
+    default = bench.build_parser().parse_args([]).only  # a plain run: every section but those on request
+    assert {"tests", "sst2_epoch"} == set(bench.ON_REQUEST)
+    assert not set(default) & set(bench.ON_REQUEST) and set(default) | set(bench.ON_REQUEST) == set(bench.SECTIONS)
 
 
 @pytest.mark.slow
