@@ -312,7 +312,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 def check_model_folder(folder: str) -> None:
     """A local model folder holds what from_pretrained needs (config.json and weights): checked here, before
     anything loads, with what to pass instead; an adapter folder is not a model. (Tokenizers are stored under
-    many file names; a missing one fails first and cheaply when the tokenizer loads.)"""
+    many file names, so missing tokenizer files are caught once it loads: sources.load_base_model compares its
+    vocabulary with the model's.)"""
     try:
         has = set(os.listdir(folder))
     except OSError as e:
