@@ -318,7 +318,8 @@ def check_model_folder(folder: str) -> None:
         has = set(os.listdir(folder))
     except OSError as e:
         raise ConfigError(f"model folder '{folder}' cannot be read ({e.strerror}); check its permissions") from None
-    if "adapter_config.json" in has and not has & set(WEIGHT_FILES):
+    weights = has & set(WEIGHT_FILES)
+    if "adapter_config.json" in has and not weights:
         raise ConfigError(f"'{folder}' is a LoRA adapter folder, not a model: pass its base model as --model (the "
                           f"base_model_name_or_path in its adapter_config.json); run the adapter itself with "
                           f"python inference_example.py --adapter_dir {folder}")
@@ -332,7 +333,7 @@ def check_model_folder(folder: str) -> None:
                     problem = "has a config.json that is not a JSON object"
         except (OSError, ValueError) as e:
             problem = f"has a config.json that cannot be read ({type(e).__name__})"
-    if not problem and not has & set(WEIGHT_FILES):
+    if not problem and not weights:
         problem = f"has no weights ({', '.join(WEIGHT_FILES[::2])})"
     if problem:
         raise ConfigError(f"model folder '{folder}' {problem}; a model folder is what save_pretrained writes for the "

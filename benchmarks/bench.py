@@ -294,11 +294,13 @@ def _multi(args, device, seq):
     return medians
 
 
-def run_training_command(cmd, label):
-    """Run a training script (this repo's or the Trainer reference) into a fresh folder; its training_metrics.json."""
+def run_training_command(cmd, label, offline=False):
+    """Run a training script (this repo's or the Trainer reference) into a fresh folder; its training_metrics.json.
+    offline: the run uses the bundled assets (HF_HUB_OFFLINE=1 for it alone), also where the Hub is reachable."""
     import tempfile
     out = tempfile.mkdtemp()
-    proc = subprocess.run(cmd + ["--output_dir", out], cwd=ROOT, capture_output=True, text=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"} if offline else None
+    proc = subprocess.run(cmd + ["--output_dir", out], cwd=ROOT, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{label} failed:\n{proc.stderr[-2000:]}")
     with open(os.path.join(out, "training_metrics.json")) as f:
@@ -322,13 +324,39 @@ def batching_floor(seed):
     return computed[True], computed[False], sum(len(e["input_ids"]) for e in examples)
 
 
+def run_per_seed(section, runs, seeds, first_seed_only=(), offline=False):
+    """Each run of `runs` ({name: (command, precision)}) once per seed, alternating; those in first_seed_only for
+    the first seed alone. Records per run the median training time, its ratio to every HF Trainer run, and the
+    accuracy's mean, spread and per-seed values with the precision each run used. {name: seconds}."""
+    results = {name: [] for name in runs}
+    for i, seed in enumerate(seeds):
+        for name, (cmd, precision) in runs.items():
+            if name in first_seed_only and i > 0:
+                continue
+            metrics = run_training_command(cmd + ["--seed", str(seed)], name, offline)
+            chosen = metrics.get("precision", precision)  # the Trainer's is the one it was given
+            results[name].append((metrics["train_time_s"], metrics["best"]["value"], chosen))
+            print(f"  seed {seed}: {name}: {metrics['train_time_s']:.1f} s, accuracy {metrics['best']['value']:.4f}, "
+                  f"precision {chosen} ({metrics.get('precision_reason', 'set')})", flush=True)
+    seconds = {name: statistics.median(t for t, _, _ in rows) for name, rows in results.items()}
+    trainers = [name for name in runs if name.startswith("HF Trainer")]
+    for name, rows in results.items():
+        accuracies = [a for _, a, _ in rows]
+        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+        versus = "; ".join(f"{seconds[name] / seconds[t]:.2f}x Trainer ({runs[t][1]})" for t in trainers)
+        record(section, name, seconds[name], "s/epoch (median)",
+               f"{versus}; accuracy mean {statistics.mean(accuracies):.4f} std {spread:.4f} over {len(rows)} "
+               f"seed(s): " + ", ".join(f"{a:.4f}" for a in accuracies)
+               + "; precision per seed: " + ", ".join(p for _, _, p in rows))
+    return seconds
+
+
 def section_e2e(args, device):
     """One epoch on the bundled sentences: this repo's command vs HF Trainer + PEFT (and padding to 128, first
     seed only), alternating, once per seed in --seeds: median time, accuracy mean and spread. Where the auto
     precision is not fp32 (a GPU, a CPU with native bf16), both are also run at that precision."""
     print(f"end to end: one epoch of the 3,600 bundled sentences (MiniLM, r=8 q,v, lr 5e-4, batch 16), "
           f"seeds {args.seeds}")
-    os.environ["HF_HUB_OFFLINE"] = "1"  # both sides on MiniLM and the bundled sentences, also where the Hub is reachable
     common = ["--epochs", "1", "--lr", "5e-4", "--device", str(device)]
     # fp32 frozen weights on both sides (the Trainer keeps fp32 master weights): only the loop differs
     ours = [sys.executable, "train_lora_basic.py", "--base_dtype", "fp32", *common]
@@ -349,33 +377,17 @@ def section_e2e(args, device):
         runs[f"HF Trainer + PEFT, {auto}"] = (reference + ["--precision", auto], auto)
     if args.quick:
         runs = {k: (cmd + ["--max_train_samples", "64", "--max_eval_samples", "32"], p) for k, (cmd, p) in runs.items()}
-    results = {name: [] for name in runs}
-    for i, seed in enumerate(args.seeds):
-        for name, (cmd, precision) in runs.items():
-            if "padding to 128" in name and i > 0:
-                continue  # 5x slower than the others; one seed shows it
-            metrics = run_training_command(cmd + ["--seed", str(seed)], name)
-            chosen = metrics.get("precision", precision)  # the Trainer's is the one it was given
-            results[name].append((metrics["train_time_s"], metrics["best"]["value"], chosen))
-            print(f"  seed {seed}: {name}: {metrics['train_time_s']:.1f} s, accuracy {metrics['best']['value']:.4f}, "
-                  f"precision {chosen} ({metrics.get('precision_reason', 'set')})", flush=True)
-    seconds = {name: statistics.median(t for t, _, _ in rows) for name, rows in results.items()}
-    trainers = [name for name in runs if name.startswith("HF Trainer")]
-    for name, rows in results.items():
-        accuracies = [a for _, a, _ in rows]
-        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-        versus = "; ".join(f"{seconds[name] / seconds[t]:.2f}x Trainer ({runs[t][1]})" for t in trainers)
-        record("e2e", name, seconds[name], "s/epoch (median)",
-               f"{versus}; accuracy mean {statistics.mean(accuracies):.4f} std {spread:.4f} over {len(rows)} "
-               f"seed(s): " + ", ".join(f"{a:.4f}" for a in accuracies)
-               + "; precision per seed: " + ", ".join(p for _, _, p in rows))
+    # both sides on MiniLM and the bundled sentences, also where the Hub is reachable; the padded run (5x slower
+    # than the others) for one seed
+    seconds = run_per_seed("e2e", runs, args.seeds, first_seed_only=("this repo, padding to 128 (the seed), fp32",),
+                           offline=True)
     grouped, random_batches, real = batching_floor(args.seeds[0])
     floor = grouped / random_batches
     ours_ratio = seconds["this repo (train_lora_basic.py), fp32"] / seconds["HF Trainer + PEFT, fp32"]
     record("e2e", "batching floor: tokens computed, length-grouped / random batches", floor, "x Trainer",
            f"{grouped:,} / {random_batches:,} tokens (real {real:,}); this repo fp32 at {ours_ratio:.2f}x = "
            f"{ours_ratio / floor:.3f}x the floor")
-    return results
+    return seconds
 
 
 SST2_TRAIN_ROWS = 67_349  # sentences in GLUE SST-2's training split
@@ -421,29 +433,13 @@ def section_sst2_epoch(args, device):
     ours = [sys.executable, "train_lora_basic.py", "--model", "minilm", *common]
     reference = [sys.executable, HF_REFERENCE, *common]
     auto = resolve_precision("auto", device)
-    runs = {"this repo, the defaults": ours, "this repo, --compile": ours + ["--compile", "true"],
-            "HF Trainer + PEFT, fp32": reference + ["--precision", "fp32"]}
+    runs = {"this repo, the defaults": (ours, "auto"), "this repo, --compile": (ours + ["--compile", "true"], "auto"),
+            "HF Trainer + PEFT, fp32": (reference + ["--precision", "fp32"], "fp32")}
     if auto != "fp32":
-        runs[f"HF Trainer + PEFT, {auto}"] = reference + ["--precision", auto]
+        runs[f"HF Trainer + PEFT, {auto}"] = (reference + ["--precision", auto], auto)
     if args.quick:
-        runs = {k: cmd + ["--max_eval_samples", "32"] for k, cmd in runs.items()}
-    results = {name: [] for name in runs}
-    for seed in args.seeds:
-        for name, cmd in runs.items():
-            metrics = run_training_command(cmd + ["--seed", str(seed)], name)
-            results[name].append((metrics["train_time_s"], metrics["best"]["value"]))
-            print(f"  seed {seed}: {name}: {metrics['train_time_s']:.1f} s, accuracy {metrics['best']['value']:.4f}, "
-                  f"precision {metrics.get('precision', 'as given')}", flush=True)
-    seconds = {name: statistics.median(t for t, _ in rows_) for name, rows_ in results.items()}
-    trainers = [name for name in runs if name.startswith("HF Trainer")]
-    for name, rows_ in results.items():
-        accuracies = [a for _, a in rows_]
-        spread = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
-        versus = "; ".join(f"{seconds[name] / seconds[t]:.2f}x {t.split(', ')[1]} Trainer" for t in trainers)
-        record("sst2_epoch", name, seconds[name], "s/epoch (median)",
-               f"{versus}; accuracy mean {statistics.mean(accuracies):.4f} std {spread:.4f} over {len(rows_)} "
-               f"seed(s): " + ", ".join(f"{a:.4f}" for a in accuracies))
-    return results
+        runs = {k: (cmd + ["--max_eval_samples", "32"], p) for k, (cmd, p) in runs.items()}
+    return run_per_seed("sst2_epoch", runs, args.seeds)
 
 
 def section_precision(args, device):
@@ -489,13 +485,12 @@ def section_causal(args, device):
             "--logging_steps", "1", *common]
     reference = [sys.executable, HF_REFERENCE, "--task", "causal_lm", "--block_size", str(block), "--lr", "2e-4",
                  *common]
-    os.environ["HF_HUB_OFFLINE"] = "1"  # both sides on the bundled English text, also where the Hub is reachable
     results = {}
     contenders = (("this repo (train_lora_basic.py)", ours),
                   ("this repo, --gradient_checkpointing", ours + ["--gradient_checkpointing"]),
                   ("HF Trainer + PEFT", reference))
-    for name, cmd in contenders:
-        metrics = run_training_command(cmd, name)
+    for name, cmd in contenders:  # offline: both sides on the bundled English text, also where the Hub is reachable
+        metrics = run_training_command(cmd, name, offline=True)
         results[name] = (metrics["train_time_s"] / steps, metrics["peak_memory_mb"], metrics["best"]["value"])
     (ref_step, ref_peak, ref_ppl) = results["HF Trainer + PEFT"]
     for name, (step, peak, ppl) in results.items():

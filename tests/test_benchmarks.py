@@ -169,5 +169,5 @@ def test_the_sst2_sized_epoch_section_runs_both_sides_on_the_same_files(tmp_path
     assert {"this repo, the defaults", "this repo, --compile", "HF Trainer + PEFT, fp32"} <= set(rows)
     trainer = rows["HF Trainer + PEFT, fp32"]["value"]
     for row in rows.values():  # each ratio is the row's time over the Trainer's, as recorded
-        assert row["ratio"].startswith(f"{row['value'] / trainer:.2f}x fp32 Trainer")
+        assert row["ratio"].startswith(f"{row['value'] / trainer:.2f}x Trainer (fp32)")
         assert "over 1 seed(s)" in row["ratio"]
