@@ -10,6 +10,10 @@ pass then only scales that stored gradient. Memory holds one chunk of logits ins
 logits are recomputed. The head's weight is frozen in LoRA (the LM head is tied to the embeddings and not
 adapted), so no gradient for it is needed; a trainable head, or an architecture that transforms its logits
 after the head, falls back to the model's own loss.
+
+A chunk holds about CHUNK_ELEMENTS logits (SmolLM2: 85 positions, 16 MB in fp32). On a CPU, glibc serves
+blocks that small from memory the process already holds; each larger block (1,024 positions: 200 MB) is
+fresh pages that the kernel zeroes first, and the step pays for that (experiments/results/q7_causal_step.json).
 """
 
 from typing import Any, Optional, Tuple
@@ -23,6 +27,7 @@ IGNORE_INDEX = -100  # labels with this value do not count (transformers' conven
 # Architectures whose logits are exactly lm_head(last hidden state). Others scale or cap them after the head
 # (Gemma's softcapping, Cohere's logit_scale, Granite's logits_scaling): they keep their own loss.
 PLAIN_HEADS = ("gpt2", "llama", "mistral", "qwen2")
+CHUNK_ELEMENTS = 2 ** 22  # logits per chunk: positions = CHUNK_ELEMENTS // vocabulary size
 
 
 class _ChunkedLinearCrossEntropy(torch.autograd.Function):
@@ -39,12 +44,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         for start in range(0, hidden.shape[0], chunk_size):
             end = min(start + chunk_size, hidden.shape[0])
             logits = (hidden[start:end] @ weight.T).float()  # one chunk of (positions x vocab), in fp32
-            log_z = logits.logsumexp(-1)
+            log_probs = torch.log_softmax(logits, -1)
             rows = torch.arange(end - start, device=hidden.device)
             target, keep = targets[start:end].clamp(min=0), counted[start:end]
-            loss_sum += ((log_z - logits[rows, target]) * keep).sum()
+            loss_sum -= (log_probs[rows, target] * keep).sum()
             if want_grad:  # d loss_sum / d logits = softmax - one_hot; then back through the head
-                probs = logits.sub_(log_z[:, None]).exp_()
+                probs = log_probs.exp_()
                 probs[rows, target] -= 1.0
                 probs *= keep[:, None]
                 grad[start:end] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
@@ -65,9 +70,9 @@ class ChunkedCausalLM(nn.Module):
     cross-entropy (labels shifted by one position, as the model's own loss does), without the full logits.
     It is an nn.Module so that DistributedDataParallel can wrap it like the model itself."""
 
-    def __init__(self, model: nn.Module, chunk_size: int = 1024) -> None:
+    def __init__(self, model: nn.Module, chunk_size: Optional[int] = None) -> None:
         super().__init__()
-        self.model, self.chunk_size = model, chunk_size
+        self.model, self.chunk_size = model, chunk_size  # None: CHUNK_ELEMENTS // vocabulary size positions
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, **kwargs: Any) -> ModelOutput:
@@ -83,5 +88,6 @@ class ChunkedCausalLM(nn.Module):
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # position t predicts token t + 1
         targets = labels[:, 1:].reshape(-1)
         want_grad = torch.is_grad_enabled() and hidden.requires_grad
-        loss = _ChunkedLinearCrossEntropy.apply(hidden, head.weight, targets, self.chunk_size, want_grad)
+        chunk_size = self.chunk_size or max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+        loss = _ChunkedLinearCrossEntropy.apply(hidden, head.weight, targets, chunk_size, want_grad)
         return CausalLMOutput(loss=loss)

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from config import ConfigError, build_arg_parser, load_config
 from data import build_datasets, check_max_length, make_loader
 from families import TRACKS
+from lean_layers import use_lean_layers
 from losses import ChunkedCausalLM
 from lora_linear import apply_lora_to_model, count_lora_parameters, mark_only_lora_as_trainable, save_adapter
 from precision import (autocast_context, cast_frozen_weights, choose_precision, pick_device, seconds_per_training_step,
@@ -243,8 +244,12 @@ def build_run(config: dict, device: torch.device, rank: int = 0, world_size: int
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device).train()
     # A causal LM's loss over a 49k-word vocabulary would hold (batch x length x vocab) fp32 logits: losses.py
-    # computes it chunk by chunk instead. Classification heads are small: the model's own forward.
-    eval_model = ChunkedCausalLM(model) if config["task"] == "causal_lm" else model
+    # computes it chunk by chunk instead, and lean_layers.py keeps less of each block for backward.
+    # Classification heads are small: the model's own forward.
+    eval_model = model
+    if config["task"] == "causal_lm":
+        use_lean_layers(model)
+        eval_model = ChunkedCausalLM(model)
     if measure:  # half precision is not always faster (small GPU batches, some CPUs): time both
         precision, precision_reason = measure_precision(model, eval_model, train_set, collate, config, device,
                                                         base_auto)

@@ -10,6 +10,7 @@ Experiments behind discussion.md. One subcommand per question; each writes exper
     python experiments/run.py q6_merge_precision --adapter_dir expected_output
     python experiments/run.py q7_memory                                      # memory and time per step
     python experiments/run.py q7_saved                                       # what autograd keeps, causal LM
+    python experiments/run.py q7_causal_step                                 # the causal step: memory, time
     python experiments/run.py q8_inference --adapter_dir expected_output     # merged vs pruned vs int8
     python experiments/run.py q10_methods                                    # LoRA, BitFit, full FT, Houlsby, IA3, prefix
     python experiments/run.py q11_dynamic_rank                               # rank allocated by singular values
@@ -454,11 +455,13 @@ def q7_saved(args):
     """What autograd keeps for backward on the causal track, by module, per token and layer: SmolLM2-135M, LoRA
     r=8 on q_proj+v_proj, one sequence of 256 tokens. Every tensor a saved-tensor hook sees that is not a
     parameter, counted once per storage; LoRA dropout 0, 0.05 as autograd would keep it (nn.Dropout, then A),
-    and 0.05 as lora_linear keeps it (_DropoutThenA: x and a one-byte mask), in fp32 and as a bf16 run trains
-    (frozen weights stored in bf16, bf16 autocast; what is kept does not depend on the CPU, only the time)."""
+    and 0.05 as lora_linear keeps it (_DropoutThenA: x and a one-byte mask), then with lean_layers' RMSNorm and
+    SwiGLU, in fp32 and as a bf16 run trains (frozen weights stored in bf16, bf16 autocast; what is kept does
+    not depend on the CPU, only the time)."""
     import collections
     import torch.nn.functional as F
     import lora_linear
+    from lean_layers import use_lean_layers
     from losses import ChunkedCausalLM
     from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
     from precision import autocast_context, trainable_to_fp32
@@ -468,14 +471,19 @@ def q7_saved(args):
         return F.linear(F.dropout(x, p, training=True), A)
 
     tokens, rows = 256, []
-    for label, dropout, lean, precision in (("no LoRA dropout", 0.0, True, "fp32"),
-                                            ("dropout 0.05, autograd's", 0.05, False, "fp32"),
-                                            ("dropout 0.05, _DropoutThenA", 0.05, True, "fp32"),
-                                            ("dropout 0.05, _DropoutThenA, bf16", 0.05, True, "bf16")):
+    for label, dropout, own_dropout, lean, precision in (
+            ("no LoRA dropout", 0.0, True, False, "fp32"),
+            ("dropout 0.05, autograd's", 0.05, False, False, "fp32"),
+            ("dropout 0.05, _DropoutThenA", 0.05, True, False, "fp32"),
+            ("dropout 0.05, _DropoutThenA, lean_layers", 0.05, True, True, "fp32"),
+            ("dropout 0.05, _DropoutThenA, bf16", 0.05, True, False, "bf16"),
+            ("dropout 0.05, _DropoutThenA, lean_layers, bf16 (what training runs)", 0.05, True, True, "bf16")):
         torch.manual_seed(0)
         model, _, _ = load_base_model("smollm2", "causal_lm", 2, "auto", precision)
         trainable_to_fp32(mark_only_lora_as_trainable(apply_lora_to_model(model, ["q_proj", "v_proj"], 8, 16,
                                                                           dropout))).train()
+        if lean:
+            use_lean_layers(model)
         layers = model.config.num_hidden_layers
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         where, kept = ["outside the layers"], collections.Counter()
@@ -498,7 +506,7 @@ def q7_saved(args):
             return tensor
         ids = torch.randint(100, 40000, (1, tokens))
         original = lora_linear._DropoutThenA.apply
-        lora_linear._DropoutThenA.apply = original if lean else autograd_dropout
+        lora_linear._DropoutThenA.apply = original if own_dropout else autograd_dropout
         try:
             with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), \
                     autocast_context(precision, torch.device("cpu")):
@@ -514,6 +522,60 @@ def q7_saved(args):
                       "tokens": tokens, "layers": layers,
                       "counted": "tensors saved for backward that are not parameters, once per storage (KB = 1024 B)",
                       "rows": rows})
+
+
+Q7_CAUSAL_SETUPS = ("autograd's layers, 1,024-position loss chunks", "lean_layers, 1,024-position loss chunks",
+                    "lean_layers, loss chunks of CHUNK_ELEMENTS logits (training's default)")
+
+
+def q7_causal_step(args):
+    """The causal track's training step, one process per setup: SmolLM2-135M, LoRA r=8 on q_proj+v_proj with
+    dropout 0.05, a batch of 8 x 512 tokens, at the precision auto picks on this CPU (frozen weights stored in
+    it). With transformers' own RMSNorm and SwiGLU or lean_layers', and the loss in chunks of 1,024 positions
+    (the previous default) or of losses.CHUNK_ELEMENTS logits."""
+    from precision import resolve_precision
+    precision, rows = resolve_precision("auto", torch.device("cpu")), []
+    for setup in Q7_CAUSAL_SETUPS:
+        rows.append({"setup": setup, **measure_in_child("experiments/run.py:q7_causal_child", setup=setup,
+                                                        precision=precision)})
+        print(rows[-1], flush=True)
+    save("q7_causal_step", {"model": "SmolLM2-135M (bundled), LoRA r=8 q_proj+v_proj, dropout 0.05",
+                            "batch": "8 x 512 tokens", "precision": precision,
+                            "memory": "CPU peak RSS sampled during 6 optimizer steps (model and interpreter included)",
+                            "time": "median of steps 3 to 6 (steps 1 and 2 grow the allocator's pools)",
+                            "rows": rows})
+
+
+def q7_causal_child(setup: str, precision: str) -> dict:
+    """One setup of q7_causal_step, run by harness.measure_in_child in a process of its own."""
+    import statistics
+    from lean_layers import use_lean_layers
+    from losses import ChunkedCausalLM
+    from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
+    from precision import autocast_context, trainable_to_fp32
+    from sources import load_base_model
+    torch.manual_seed(0)
+    model, _, _ = load_base_model("smollm2", "causal_lm", 2, "auto", precision)
+    trainable_to_fp32(mark_only_lora_as_trainable(apply_lora_to_model(model, ["q_proj", "v_proj"], 8, 16, 0.05)))
+    if setup.startswith("lean_layers"):
+        use_lean_layers(model)
+    step_model = ChunkedCausalLM(model.train(), chunk_size=1024 if "1,024" in setup else None)
+    ids = torch.randint(100, 40000, (8, 512))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    device, seconds = torch.device("cpu"), []
+
+    def steps():
+        for _ in range(6):
+            start = time.perf_counter()
+            with autocast_context(precision, device):
+                loss = step_model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            seconds.append(time.perf_counter() - start)
+    peak = peak_memory_during(steps, device)
+    return {"peak_mb": round(peak), "seconds_per_step": round(statistics.median(seconds[2:]), 2),
+            "seconds_per_step_all": [round(s, 2) for s in seconds]}
 
 
 def q7_child(mode: str) -> dict:
@@ -771,8 +833,8 @@ def q12_vit(args):
 
 
 COMMANDS = {f.__name__: f for f in (q1_spectrum, q2_rank, q3_init_B, q4_targets, q5_scaling, q6_merge_precision,
-                                    q7_saved, q7_memory, q8_inference, q10_methods, q10_lr, q11_dynamic_rank,
-                                    q11_adaptive_rank, q12_vit)}
+                                    q7_saved, q7_memory, q7_causal_step, q8_inference, q10_methods, q10_lr,
+                                    q11_dynamic_rank, q11_adaptive_rank, q12_vit)}
 
 
 def main():

@@ -1,0 +1,102 @@
+"""lean_layers: the same forward and gradients as transformers' RMSNorm and SwiGLU, with less kept for backward."""
+import pytest
+import torch
+
+from conftest import BUILDERS, randomize_lora_B
+from lean_layers import use_lean_layers
+from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
+
+
+def lora_llama(dtype):
+    model = mark_only_lora_as_trainable(apply_lora_to_model(BUILDERS["llama"]().train(), None, rank=4, dropout=0.0))
+    randomize_lora_B(model)
+    for param in model.parameters():
+        if not param.requires_grad:
+            param.data = param.data.to(dtype)  # frozen weights in the run's dtype, LoRA in fp32 (as training does)
+    return model
+
+
+def loss_and_grads(model, ids, dtype):
+    model.zero_grad()
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_logits_and_gradients_as_transformers_layers(dtype):
+    model, ids = lora_llama(dtype), torch.randint(1, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits, grads = loss_and_grads(model, ids, dtype)
+    assert use_lean_layers(model) == 2 * 2 + 1 + 2  # two norms a layer, the final norm, one MLP a layer
+    lean_logits, lean_grads = loss_and_grads(model, ids, dtype)
+    assert torch.equal(lean_logits, logits)  # the forward computes the same ops in the same order
+    assert lean_grads.keys() == grads.keys() and grads
+    for name, grad in grads.items():  # gradients reach LoRA through every norm and MLP of the model
+        torch.testing.assert_close(lean_grads[name], grad, rtol=1e-5, atol=1e-7)
+
+
+def test_a_trained_norm_gets_the_same_weight_gradient():
+    model = BUILDERS["llama"]().train()  # nothing frozen, as in full fine-tuning
+    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    _, grads = loss_and_grads(model, ids, torch.float32)
+    use_lean_layers(model)
+    _, lean_grads = loss_and_grads(model, ids, torch.float32)
+    for name in ("model.layers.0.input_layernorm.weight", "model.norm.weight", "model.layers.1.mlp.up_proj.weight"):
+        assert grads[name].abs().sum() > 0
+        torch.testing.assert_close(lean_grads[name], grads[name], rtol=1e-5, atol=1e-7)
+
+
+def saved_bytes(model, ids):
+    """Bytes autograd keeps for backward in one forward, each storage counted once, weights not counted."""
+    weights = {p.data_ptr() for p in model.parameters()}
+    kept = {}
+
+    def pack(tensor):
+        pointer = tensor.untyped_storage().data_ptr()
+        if pointer not in weights:
+            kept[pointer] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(input_ids=ids, labels=ids)
+    return sum(kept.values())
+
+
+def test_each_layer_keeps_less_for_backward():
+    model, ids = lora_llama(torch.bfloat16), torch.randint(1, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    before = saved_bytes(model, ids)
+    use_lean_layers(model)
+    after = saved_bytes(model, ids)
+    tokens, config = ids.numel(), model.config
+    # per layer and token: each norm keeps its bf16 input, not an fp32 copy (2 bytes a feature less), and the
+    # MLP no longer keeps silu(gate) (2 bytes a hidden unit); the final norm's input is saved in either case
+    saved_by_lean = tokens * config.num_hidden_layers * (2 * 2 * config.hidden_size + 2 * config.intermediate_size)
+    assert before - after >= saved_by_lean
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "bert"])
+def test_other_architectures_are_left_as_they_are(arch):
+    model = BUILDERS[arch]()
+    assert use_lean_layers(model) == 0
+    assert all("forward" not in vars(module) for module in model.modules())
+
+
+def test_training_a_llama_style_causal_lm_uses_them(tiny_assets, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    import train_lora_basic
+    from config import build_arg_parser, load_config
+    from conftest import write_tiny_tokenizer
+    folder = str(tmp_path / "llama")
+    vocab = write_tiny_tokenizer(folder)
+    LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                 bos_token_id=3, eos_token_id=3, pad_token_id=0)).save_pretrained(folder)
+    config = load_config(build_arg_parser("").parse_args([
+        "--model", folder, "--task", "causal_lm", "--train_file", tiny_assets["train_txt"], "--validation_file",
+        tiny_assets["validation_txt"], "--max_length", "32", "--device", "cpu", "--precision", "fp32",
+        "--output_dir", str(tmp_path / "out")]))
+    run = train_lora_basic.build_run(config, torch.device("cpu"), saves=False)
+    replaced = [name for name, module in run.model.named_modules() if "forward" in vars(module)]
+    assert len(replaced) == 2 * 2 + 1 + 2 and "model.norm" in replaced and "model.layers.1.mlp" in replaced
