@@ -20,6 +20,7 @@ from typing import Any, Optional, Tuple
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 # Classes whose forward is exactly the formulas above (transformers' Llama, Mistral, Qwen2; SmolLM2 is a
 # Llama). Others (Gemma's 1 + w, Cohere's LayerNorm, ...) keep their own forward.
@@ -38,6 +39,7 @@ class _RMSNorm(torch.autograd.Function):
         return weight * (x32 * rstd).to(x.dtype)
 
     @staticmethod
+    @once_differentiable  # rstd was saved without history: a second derivative would be wrong, so refuse it
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
         x, weight, rstd = ctx.saved_tensors
         x_hat = x.float() * rstd
@@ -62,6 +64,7 @@ class _SiluTimesUp(torch.autograd.Function):
         return F.silu(gate) * up
 
     @staticmethod
+    @once_differentiable
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
         gate, up = ctx.saved_tensors
         grad_gate = grad_up = None
@@ -83,10 +86,13 @@ def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def use_lean_layers(model: nn.Module) -> int:
     """Give the model's RMSNorms and SwiGLU MLPs (RMS_NORMS, SWIGLU_MLPS) the forwards above; returns how
     many modules changed (0 for other architectures: GPT-2, BERT, ...). Parameters and state_dict stay
-    as they were: only the modules' forward is replaced, on this model's instances."""
+    as they were: only the modules' forward is replaced, on this model's instances (a bound method: the model
+    still deep-copies, but no longer pickles whole; save its state_dict, as this repo does)."""
     changed = 0
     for module in model.modules():
         name = type(module).__name__
+        if "forward" in vars(module):  # already replaced (by this function, or by a hook library): left alone
+            continue
         if name in RMS_NORMS and hasattr(module, "variance_epsilon"):
             module.forward = _rms_norm_forward.__get__(module)
             changed += 1

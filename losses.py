@@ -11,7 +11,7 @@ logits are recomputed. The head's weight is frozen in LoRA (the LM head is tied 
 adapted), so no gradient for it is needed; a trainable head, or an architecture that transforms its logits
 after the head, falls back to the model's own loss.
 
-A chunk holds about CHUNK_ELEMENTS logits (SmolLM2: 85 positions, 16 MB in fp32). On a CPU, glibc serves
+On a CPU a chunk holds about CHUNK_ELEMENTS logits (SmolLM2: 85 positions, 16 MB in fp32): glibc serves
 blocks that small from memory the process already holds; each larger block (1,024 positions: 200 MB) is
 fresh pages that the kernel zeroes first, and the step pays for that (experiments/results/q7_causal_step.json).
 """
@@ -65,6 +65,12 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (grad.float() * scale).to(grad.dtype), None, None, None, None
 
 
+def default_chunk_size(vocab_size: int, device: torch.device) -> int:
+    """Positions per chunk: on a CPU, CHUNK_ELEMENTS logits' worth; on a GPU, whose caching allocator reuses
+    blocks of any size, 1,024 positions (fewer kernel launches, and a smaller graph under torch.compile)."""
+    return max(1, CHUNK_ELEMENTS // vocab_size) if device.type == "cpu" else 1024
+
+
 class ChunkedCausalLM(nn.Module):
     """Wraps a transformers causal LM: forward(input_ids, attention_mask, labels) -> .loss, the mean next-token
     cross-entropy (labels shifted by one position, as the model's own loss does), without the full logits.
@@ -72,7 +78,7 @@ class ChunkedCausalLM(nn.Module):
 
     def __init__(self, model: nn.Module, chunk_size: Optional[int] = None) -> None:
         super().__init__()
-        self.model, self.chunk_size = model, chunk_size  # None: CHUNK_ELEMENTS // vocabulary size positions
+        self.model, self.chunk_size = model, chunk_size  # None: default_chunk_size
 
     def forward(self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None,
                 labels: Optional[torch.Tensor] = None, **kwargs: Any) -> ModelOutput:
@@ -88,6 +94,6 @@ class ChunkedCausalLM(nn.Module):
         hidden = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # position t predicts token t + 1
         targets = labels[:, 1:].reshape(-1)
         want_grad = torch.is_grad_enabled() and hidden.requires_grad
-        chunk_size = self.chunk_size or max(1, CHUNK_ELEMENTS // head.weight.shape[0])
+        chunk_size = self.chunk_size or default_chunk_size(head.weight.shape[0], hidden.device)
         loss = _ChunkedLinearCrossEntropy.apply(hidden, head.weight, targets, chunk_size, want_grad)
         return CausalLMOutput(loss=loss)

@@ -2,17 +2,40 @@
 import pytest
 import torch
 
-from conftest import BUILDERS, randomize_lora_B
+import lean_layers
+from conftest import BUILDERS, VOCAB, randomize_lora_B
 from lean_layers import use_lean_layers
 from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
 
 
-def lora_llama(dtype):
-    model = mark_only_lora_as_trainable(apply_lora_to_model(BUILDERS["llama"]().train(), None, rank=4, dropout=0.0))
+def tiny_causal_lm(arch, seed=0):
+    """A tiny random Llama, Mistral or Qwen2, its norm weights random too (a fresh model's are all 1)."""
+    import transformers
+    if arch == "llama":
+        model = BUILDERS["llama"](seed)
+    else:
+        config_class, model_class = {"mistral": ("MistralConfig", "MistralForCausalLM"),
+                                     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM")}[arch]
+        torch.manual_seed(seed)
+        model = getattr(transformers, model_class)(getattr(transformers, config_class)(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=128))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5, generator=generator)
+    return model.train()
+
+
+def lora_model(arch, dtype, norm_dtype=None):
+    """LoRA (no dropout) on a tiny model, frozen weights in `dtype` and LoRA in fp32, as training stores them;
+    norm_dtype: the norms' weights in another dtype (fp32 on a bf16 base: the norm's output is then fp32)."""
+    model = mark_only_lora_as_trainable(apply_lora_to_model(tiny_causal_lm(arch), None, rank=4, dropout=0.0))
     randomize_lora_B(model)
-    for param in model.parameters():
+    for name, param in model.named_parameters():
         if not param.requires_grad:
-            param.data = param.data.to(dtype)  # frozen weights in the run's dtype, LoRA in fp32 (as training does)
+            param.data = param.data.to(norm_dtype if norm_dtype and "norm" in name else dtype)
     return model
 
 
@@ -24,9 +47,8 @@ def loss_and_grads(model, ids, dtype):
     return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_same_logits_and_gradients_as_transformers_layers(dtype):
-    model, ids = lora_llama(dtype), torch.randint(1, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+def assert_lean_matches(model, dtype, ids=None):
+    ids = torch.randint(1, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0)) if ids is None else ids
     logits, grads = loss_and_grads(model, ids, dtype)
     assert use_lean_layers(model) == 2 * 2 + 1 + 2  # two norms a layer, the final norm, one MLP a layer
     lean_logits, lean_grads = loss_and_grads(model, ids, dtype)
@@ -36,12 +58,29 @@ def test_same_logits_and_gradients_as_transformers_layers(dtype):
         torch.testing.assert_close(lean_grads[name], grad, rtol=1e-5, atol=1e-7)
 
 
-def test_a_trained_norm_gets_the_same_weight_gradient():
-    model = BUILDERS["llama"]().train()  # nothing frozen, as in full fine-tuning
-    ids = torch.randint(1, 100, (2, 12), generator=torch.Generator().manual_seed(1))
-    _, grads = loss_and_grads(model, ids, torch.float32)
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_same_logits_and_gradients_as_transformers_layers(arch, dtype):
+    assert_lean_matches(lora_model(arch, dtype), dtype)
+
+
+def test_an_fp32_norm_weight_on_a_bf16_base_gives_the_same_gradients():
+    assert_lean_matches(lora_model("llama", torch.bfloat16, norm_dtype=torch.float32), torch.bfloat16)
+
+
+def test_under_gradient_checkpointing_the_same_gradients():
+    model = lora_model("llama", torch.float32)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert_lean_matches(model, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_trained_norm_gets_the_same_weight_gradient(dtype):
+    model = tiny_causal_lm("llama").to(dtype)  # nothing frozen, as in full fine-tuning
+    ids = torch.randint(1, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    _, grads = loss_and_grads(model, ids, dtype)
     use_lean_layers(model)
-    _, lean_grads = loss_and_grads(model, ids, torch.float32)
+    _, lean_grads = loss_and_grads(model, ids, dtype)
     for name in ("model.layers.0.input_layernorm.weight", "model.norm.weight", "model.layers.1.mlp.up_proj.weight"):
         assert grads[name].abs().sum() > 0
         torch.testing.assert_close(lean_grads[name], grads[name], rtol=1e-5, atol=1e-7)
@@ -65,7 +104,7 @@ def saved_bytes(model, ids):
 
 
 def test_each_layer_keeps_less_for_backward():
-    model, ids = lora_llama(torch.bfloat16), torch.randint(1, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    model, ids = lora_model("llama", torch.bfloat16), torch.randint(1, VOCAB, (2, 16))
     before = saved_bytes(model, ids)
     use_lean_layers(model)
     after = saved_bytes(model, ids)
@@ -98,5 +137,8 @@ def test_training_a_llama_style_causal_lm_uses_them(tiny_assets, tmp_path):
         tiny_assets["validation_txt"], "--max_length", "32", "--device", "cpu", "--precision", "fp32",
         "--output_dir", str(tmp_path / "out")]))
     run = train_lora_basic.build_run(config, torch.device("cpu"), saves=False)
-    replaced = [name for name, module in run.model.named_modules() if "forward" in vars(module)]
-    assert len(replaced) == 2 * 2 + 1 + 2 and "model.norm" in replaced and "model.layers.1.mlp" in replaced
+    replaced = {name: vars(module)["forward"].__func__ for name, module in run.model.named_modules()
+                if "forward" in vars(module)}
+    assert len(replaced) == 2 * 2 + 1 + 2
+    assert replaced["model.norm"] is lean_layers._rms_norm_forward
+    assert replaced["model.layers.1.mlp"] is lean_layers._swiglu_forward

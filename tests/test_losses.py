@@ -30,6 +30,21 @@ def test_chunked_loss_and_gradients_equal_the_models_own(arch, chunk_size):
                                    reference.detach(), rtol=0, atol=1e-6)
 
 
+def test_the_default_chunk_size_splits_by_logits_on_a_cpu(monkeypatch):
+    import losses
+    model = mark_only_lora_as_trainable(apply_lora_to_model(BUILDERS["llama"](), None, rank=4))
+    randomize_lora_B(model)
+    assert losses.default_chunk_size(100, torch.device("cpu")) == losses.CHUNK_ELEMENTS // 100
+    monkeypatch.setattr(losses, "CHUNK_ELEMENTS", 500)  # 5 positions a chunk at this vocabulary of 100
+    calls = []
+    real = losses._ChunkedLinearCrossEntropy.apply
+    monkeypatch.setattr(losses._ChunkedLinearCrossEntropy, "apply", lambda *a: calls.append(a[3]) or real(*a))
+    ids = torch.randint(1, 100, (2, 13), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(ChunkedCausalLM(model)(input_ids=ids, labels=ids).loss,
+                               model(input_ids=ids, labels=ids).loss, rtol=0, atol=1e-6)
+    assert calls == [5]
+
+
 def test_a_trainable_head_uses_the_models_own_loss():
     model = BUILDERS["gpt2"]()  # nothing frozen: the head needs its own gradient
     ids = torch.randint(1, 100, (2, 9), generator=torch.Generator().manual_seed(0))
