@@ -11,8 +11,7 @@ small op of a layer needs for its own backward. Two layers of a Llama block keep
               recomputes silu(gate(x)), one pass.
 
 What each part keeps, with and without these: experiments/results/q7_saved.json; the step's memory and
-time: experiments/results/q7_causal_step.json. Fewer and smaller temporaries also make the step faster on a
-CPU, where each fresh page of memory is zeroed before first use.
+time: experiments/results/q7_causal_step.json (less memory, the same time).
 """
 
 from typing import Any, Optional, Tuple

@@ -11,9 +11,10 @@ logits are recomputed. The head's weight is frozen in LoRA (the LM head is tied 
 adapted), so no gradient for it is needed; a trainable head, or an architecture that transforms its logits
 after the head, falls back to the model's own loss.
 
-On a CPU a chunk holds about CHUNK_ELEMENTS logits (SmolLM2: 85 positions, 16 MB in fp32): glibc serves
-blocks that small from memory the process already holds; each larger block (1,024 positions: 200 MB) is
-fresh pages that the kernel zeroes first, and the step pays for that (experiments/results/q7_causal_step.json).
+On a CPU a chunk holds about CHUNK_ELEMENTS logits (SmolLM2: 85 positions, 16 MB in fp32). With 1,024
+positions a chunk the step's peak RSS was 580 MB higher, more than such a chunk holds at once
+(experiments/results/q7_causal_step.json); likely, glibc gives blocks that large fresh memory of their own
+beside a heap that keeps what the activations free, where small chunks fit into the holes.
 """
 
 from typing import Any, Optional, Tuple
