@@ -532,7 +532,7 @@ def q7_causal_step(args):
     """The causal track's training step, one process per setup: SmolLM2-135M, LoRA r=8 on q_proj+v_proj with
     dropout 0.05, a batch of 8 x 512 tokens, at the precision auto picks on this CPU (frozen weights stored in
     it). With transformers' own RMSNorm and SwiGLU or lean_layers', and the loss in chunks of 1,024 positions
-    (the previous default) or of losses.CHUNK_ELEMENTS logits."""
+    (the previous chunk size) or of losses.CHUNK_ELEMENTS logits."""
     from precision import resolve_precision
     precision, rows = resolve_precision("auto", torch.device("cpu")), []
     for setup in Q7_CAUSAL_SETUPS:
