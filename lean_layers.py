@@ -41,12 +41,11 @@ class _RMSNorm(torch.autograd.Function):
     @once_differentiable  # rstd was saved without history: a second derivative would be wrong, so refuse it
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
         x, weight, rstd = ctx.saved_tensors
-        x_hat = x.float() * rstd
+        x32 = x.float()
         grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:  # a trained norm (full fine-tuning); LoRA leaves it frozen
-            grad_weight = (grad_out * x_hat.to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
+            grad_weight = (grad_out * (x32 * rstd).to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
         if ctx.needs_input_grad[0]:  # autograd's own steps backward through the forward's ops, in order
-            x32 = x.float()
             g = (grad_out * weight).to(x.dtype).float()                    # w * (.) and the bf16 cast
             grad_rstd = (g * x32).sum(-1, keepdim=True)                      # x32 * rstd, for rstd
             grad_mean = grad_rstd * -0.5 * rstd.pow(3) / x.shape[-1]         # rsqrt(. + eps), then mean
