@@ -200,9 +200,9 @@ def load_splits(config: dict) -> Tuple[List[dict], List[dict], dict, tuple]:
     data, task, seed = config["data"], config["task"], config["training"]["seed"]
     if data["train_file"]:
         columns = (data["text_column"], data["text_pair_column"], data["label_column"])
-        train, validation = _read_local(data["train_file"], columns, task), None
+        train, validation = read_local_file(data["train_file"], columns, task), None
         if data["validation_file"]:
-            validation = _read_local(data["validation_file"], columns, task)
+            validation = read_local_file(data["validation_file"], columns, task)
         else:
             train, validation = assets.seeded_split(train, data["validation_fraction"], seed)
         provenance = {"source": "local files", "train_file": os.path.abspath(data["train_file"]),
@@ -217,7 +217,7 @@ def load_splits(config: dict) -> Tuple[List[dict], List[dict], dict, tuple]:
     return train, validation, provenance, columns
 
 
-def _read_local(path, columns, task):
+def read_local_file(path, columns, task):
     """Rows of a local .txt/.csv/.jsonl/.json file, checked row by row: a bad row is a ConfigError that names
     the file and the line (or item), never a traceback or a row trained as the string "None"."""
     with open(path, "rb") as f:

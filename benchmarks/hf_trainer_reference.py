@@ -52,16 +52,18 @@ def main():
                               TrainingArguments)
     import assets
     from data import tokenize_classification
+    from sources import read_local_file
 
     torch.manual_seed(args.seed)
     folder = assets.model_dir("minilm")
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if args.train_file:  # the SST-2-sized epoch of bench.py: the same files as this repo's run
-        train_rows, eval_rows = read_csv(args.train_file), read_csv(args.validation_file)
+    columns = ("sentence", None, "label")
+    if args.train_file:  # the SST-2-sized epoch of bench.py: the same files, read as this repo's run reads them
+        train_rows, eval_rows = (read_local_file(path, columns, "classification")
+                                 for path in (args.train_file, args.validation_file))
     else:
         train_rows, eval_rows = assets.rotten_tomatoes(seed=args.seed)
     train_rows, eval_rows = train_rows[:args.max_train_samples], eval_rows[:args.max_eval_samples]
-    columns = ("sentence", None, "label")
     train, label_map = tokenize_classification(train_rows, tokenizer, columns, 128)
     evaluation, _ = tokenize_classification(eval_rows, tokenizer, columns, 128, label_map)
     model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=2)
@@ -90,12 +92,6 @@ def main():
     metrics = {"train_time_s": round(train_time - eval_time, 2), "wall_time_s": round(train_time, 2),
                "best": {"metric_name": "accuracy", "value": max(evals)}, "eval_accuracy_per_epoch": evals}
     save_metrics(args, metrics)
-
-
-def read_csv(path):
-    import csv
-    with open(path, encoding="utf-8", newline="") as f:
-        return [{"sentence": row["sentence"], "label": int(row["label"])} for row in csv.DictReader(f)]
 
 
 def causal_lm(args):
