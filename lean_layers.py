@@ -1,4 +1,4 @@
-"""Llama-style layers that keep less for backward, with the same forward values.
+"""Llama-style layers that keep less for backward, and causal attention that computes fewer masked scores on a CPU.
 
 Training memory is mostly what autograd keeps between forward and backward, and autograd keeps what each
 small op of a layer needs for its own backward. Two layers of a Llama block keep more than their math needs:
@@ -12,6 +12,12 @@ small op of a layer needs for its own backward. Two layers of a Llama block keep
 
 What each part keeps, with and without these: experiments/results/q7_saved.json; the step's memory and
 time: experiments/results/q7_causal_step.json (less memory, the same time).
+
+    Causal attention on a CPU: torch's flash-attention kernel takes the keys in blocks of up to 512, and
+              skips only whole blocks above the diagonal. A block of 512 positions is one key block, so the
+              kernel computes all 512 x 512 scores and masks the future half. Here the queries go in two
+              halves: the first attends only the first half of the keys (a quarter of the scores fewer),
+              the second all keys under a mask. The same math; the values differ by float rounding.
 """
 
 from typing import Any, Optional, Tuple
@@ -20,11 +26,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 # Classes whose forward is exactly the formulas above (transformers' Llama, Mistral, Qwen2; SmolLM2 is a
 # Llama). Others (Gemma's 1 + w, Cohere's LayerNorm, ...) keep their own forward.
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
+CPU_KEY_BLOCK = 512  # keys per block of torch's CPU flash attention (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp)
+HALVED_ATTENTION = "sdpa_causal_halves"  # the attention implementation's name in transformers' registry
 
 
 class _RMSNorm(torch.autograd.Function):
@@ -81,11 +92,44 @@ def _swiglu_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return self.down_proj(_SiluTimesUp.apply(self.gate_proj(x), self.up_proj(x)))
 
 
+def causal_attention_in_halves(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                               attention_mask: Optional[torch.Tensor], dropout: float = 0.0,
+                               scaling: Optional[float] = None, is_causal: Optional[bool] = None,
+                               **kwargs: Any) -> Tuple[torch.Tensor, None]:
+    """transformers' sdpa attention, with the queries in two halves where that computes fewer scores: on a
+    CPU, causal, unpadded (no mask), no attention dropout, 256 to CPU_KEY_BLOCK positions. Anything else:
+    transformers' own sdpa_attention_forward."""
+    length = query.shape[2]
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if (query.device.type != "cpu" or attention_mask is not None or dropout or not causal
+            or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
+            or key.shape[2] != length or not 256 <= length <= CPU_KEY_BLOCK):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      is_causal=is_causal, **kwargs)
+    half = length // 2
+    grouped = key.shape[1] != query.shape[1]  # grouped-query attention: fewer key/value heads, shared
+    first = F.scaled_dot_product_attention(query[:, :, :half], key[:, :, :half], value[:, :, :half],
+                                           is_causal=True, scale=scaling, enable_gqa=grouped)
+    # query half + i sees keys 0 .. half + i
+    sees = torch.ones(length - half, length, dtype=torch.bool, device=query.device).tril(half)
+    second = F.scaled_dot_product_attention(query[:, :, half:], key, value, attn_mask=sees, scale=scaling,
+                                            enable_gqa=grouped)
+    return torch.cat([first, second], 2).transpose(1, 2).contiguous(), None  # (batch, positions, heads, dim)
+
+
+ALL_ATTENTION_FUNCTIONS.register(HALVED_ATTENTION, causal_attention_in_halves)
+ALL_MASK_ATTENTION_FUNCTIONS.register(HALVED_ATTENTION, sdpa_mask)  # the masks sdpa gets (None when unpadded)
+
+
 def use_lean_layers(model: nn.Module) -> int:
-    """Give the model's RMSNorms and SwiGLU MLPs (RMS_NORMS, SWIGLU_MLPS) the forwards above; returns how
-    many modules changed (0 for other architectures: GPT-2, BERT, ...). Parameters and state_dict stay
-    as they were: only the modules' forward is replaced, on this model's instances (a bound method: the model
-    still deep-copies, but no longer pickles whole; save its state_dict, as this repo does)."""
+    """Give the model's RMSNorms and SwiGLU MLPs (RMS_NORMS, SWIGLU_MLPS) the forwards above, and a causal
+    LM on sdpa attention causal_attention_in_halves; returns how many modules changed (0 for other
+    architectures: GPT-2, BERT, ...). Parameters and state_dict stay as they were: only the modules' forward
+    is replaced, on this model's instances (a bound method: the model still deep-copies, but no longer
+    pickles whole; save its state_dict, as this repo does)."""
+    config = model.config
+    if config._attn_implementation == "sdpa" and model.can_generate() and not config.is_encoder_decoder:
+        config._attn_implementation = HALVED_ATTENTION  # a decoder-only LM: its self-attention is causal
     changed = 0
     for module in model.modules():
         name = type(module).__name__

@@ -82,6 +82,17 @@ def lora_scaling(rank: int, alpha: float, scaling_mode: str = "standard") -> flo
     return {"standard": alpha / rank, "rslora": alpha / math.sqrt(rank), "none": 1.0}[scaling_mode]
 
 
+def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
+    """Which inputs dropout keeps: bools, each True with probability 1 - p. On a CPU from 32-bit random
+    integers, two from each 64-bit draw of the generator, which torch.rand spends on one float: half the
+    draws, and p exact to 2^-32 (fp32 draws: 2^-24; bf16 draws would round p)."""
+    if device.type != "cpu":
+        return torch.rand(shape, device=device) >= p
+    count = math.prod(shape)
+    bits = torch.empty((count + 1) // 2, dtype=torch.int64).random_(-2 ** 63, None).view(torch.int32)[:count]
+    return (bits >= round(p * 2 ** 32) - 2 ** 31).view(shape)  # uniform on [-2^31, 2^31): P(kept) = 1 - p
+
+
 def _kept(t: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     """Inverted dropout with a given mask: t where kept, scaled by 1 / (1 - p), else 0."""
     return (t * keep).mul_(1.0 / (1.0 - p))
@@ -97,7 +108,7 @@ class _DropoutThenA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, A: torch.Tensor, p: float) -> torch.Tensor:
-        keep = torch.rand(x.shape, device=x.device) >= p  # fp32 draws: a bf16 draw would round p
+        keep = _keep_mask(x.shape, p, x.device)
         dropped = _kept(x, keep, p)
         autocast = torch.is_autocast_enabled(x.device.type)  # autocast runs the matmul in bf16 anyway
         ctx.compute_dtype = torch.get_autocast_dtype(x.device.type) if autocast else A.dtype

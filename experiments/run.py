@@ -525,14 +525,16 @@ def q7_saved(args):
 
 
 Q7_CAUSAL_SETUPS = ("autograd's layers, 1,024-position loss chunks", "lean_layers, 1,024-position loss chunks",
-                    "lean_layers, loss chunks of CHUNK_ELEMENTS logits (training's default)")
+                    "lean_layers, loss chunks of CHUNK_ELEMENTS logits",
+                    "lean_layers and attention in halves, loss chunks of CHUNK_ELEMENTS logits (training's default)")
 
 
 def q7_causal_step(args):
     """The causal track's training step, one process per setup: SmolLM2-135M, LoRA r=8 on q_proj+v_proj with
     dropout 0.05, a batch of 8 x 512 tokens, at the precision auto picks on this CPU (frozen weights stored in
-    it). With transformers' own RMSNorm and SwiGLU or lean_layers', and the loss in chunks of 1,024 positions
-    (the previous chunk size) or of losses.CHUNK_ELEMENTS logits."""
+    it). With transformers' own RMSNorm and SwiGLU or lean_layers', the loss in chunks of 1,024 positions (the
+    previous chunk size) or of losses.CHUNK_ELEMENTS logits, and sdpa attention or lean_layers'
+    causal_attention_in_halves."""
     from precision import resolve_precision
     precision, rows = resolve_precision("auto", torch.device("cpu")), []
     for setup in Q7_CAUSAL_SETUPS:
@@ -559,6 +561,8 @@ def q7_causal_child(setup: str, precision: str) -> dict:
     trainable_to_fp32(mark_only_lora_as_trainable(apply_lora_to_model(model, ["q_proj", "v_proj"], 8, 16, 0.05)))
     if setup.startswith("lean_layers"):
         use_lean_layers(model)
+        if "halves" not in setup:
+            model.config._attn_implementation = "sdpa"  # the norms and MLPs alone
     step_model = ChunkedCausalLM(model.train(), chunk_size=1024 if "1,024" in setup else None)
     ids = torch.randint(100, 40000, (8, 512))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

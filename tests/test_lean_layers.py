@@ -142,3 +142,72 @@ def test_training_a_llama_style_causal_lm_uses_them(tiny_assets, tmp_path):
     assert len(replaced) == 2 * 2 + 1 + 2
     assert replaced["model.norm"] is lean_layers._rms_norm_forward
     assert replaced["model.layers.1.mlp"] is lean_layers._swiglu_forward
+
+
+def long_causal_lm(arch, seed=0):
+    """A tiny random Llama (grouped-query: 2 key/value heads for 4 query heads) or GPT-2 that takes 600 positions."""
+    import transformers
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        return transformers.GPT2LMHeadModel(transformers.GPT2Config(
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=600, attn_pdrop=0.0, resid_pdrop=0.0,
+            embd_pdrop=0.0)).train()
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=600)).train()
+
+
+def attention_calls(model, ids, attention_mask=None, monkeypatch=None):
+    """Logits, the input embeddings' gradient, and the query lengths scaled_dot_product_attention was called with."""
+    lengths = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting(query, *args, **kwargs):
+        lengths.append(query.shape[2])
+        return sdpa(query, *args, **kwargs)
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counting)
+    embeddings = model.get_input_embeddings().weight
+    embeddings.requires_grad_(True)
+    embeddings.grad = None
+    logits = model(input_ids=ids, attention_mask=attention_mask).logits
+    logits.pow(2).mean().backward()
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", sdpa)
+    return logits.detach(), embeddings.grad.clone(), lengths
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("length", [256, 301, 512])
+def test_attention_in_halves_gives_sdpa_values_with_fewer_scores(arch, length, monkeypatch):
+    model = long_causal_lm(arch)
+    ids = torch.randint(1, VOCAB, (2, length), generator=torch.Generator().manual_seed(0))
+    logits, grad, lengths = attention_calls(model, ids, monkeypatch=monkeypatch)
+    assert lengths == [length] * 2  # transformers' sdpa: one call a layer
+    use_lean_layers(model)
+    assert model.config._attn_implementation == lean_layers.HALVED_ATTENTION
+    halved_logits, halved_grad, halved_lengths = attention_calls(model, ids, monkeypatch=monkeypatch)
+    assert halved_lengths == [length // 2, length - length // 2] * 2  # two halves of the queries a layer
+    torch.testing.assert_close(halved_logits, logits, rtol=1e-5, atol=1e-5)  # the same math, rounded apart
+    torch.testing.assert_close(halved_grad, grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("length, padded", [(128, False), (600, False), (512, True)])
+def test_attention_in_halves_leaves_other_cases_to_sdpa(length, padded, monkeypatch):
+    """Shorter or longer than one key block of the CPU kernel, or padded (a mask): sdpa's own call."""
+    model = long_causal_lm("llama")
+    ids = torch.randint(1, VOCAB, (2, length), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, -7:] = 0
+    logits, grad, _ = attention_calls(model, ids, mask, monkeypatch)
+    use_lean_layers(model)
+    halved_logits, halved_grad, lengths = attention_calls(model, ids, mask, monkeypatch)
+    assert lengths == [length] * 2
+    assert torch.equal(halved_logits, logits)
+    torch.testing.assert_close(halved_grad, grad, rtol=1e-6, atol=1e-9)  # summed into the embeddings by threads
+
+
+def test_an_encoder_keeps_its_attention():
+    model = BUILDERS["bert"]()
+    before = model.config._attn_implementation
+    use_lean_layers(model)
+    assert model.config._attn_implementation == before

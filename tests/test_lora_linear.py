@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 from conftest import BUILDERS, model_output, randomize_lora_B, tiny_bert, tiny_gpt2, tiny_llama
 
-from lora_linear import (AdapterError, _DropoutThenA, _kept, LinearWithLoRA, LoRALayer, apply_lora_to_model, count_lora_parameters,
+from lora_linear import (AdapterError, _DropoutThenA, _keep_mask, _kept, LinearWithLoRA, LoRALayer, apply_lora_to_model, count_lora_parameters,
                          get_lora_state_dict, load_adapter, load_lora_state_dict, lora_disabled, lora_layers,
                          mark_only_lora_as_trainable, merge_and_unload, merge_lora_weights, save_adapter,
                          unmerge_lora_weights)
@@ -102,7 +102,7 @@ def test_dropout_path_gradients_match_autograd_through_the_same_mask():
     layer_path = lambda x, A: (torch.manual_seed(0), _DropoutThenA.apply(x, A, 0.3))[1]  # the same mask each call
     assert torch.autograd.gradcheck(layer_path, (x, A))
     torch.manual_seed(0)
-    keep = torch.rand(x.shape) >= 0.3  # the mask it draws
+    keep = _keep_mask(x.shape, 0.3, x.device)  # the mask it draws
     reference = nn.functional.linear(x * keep / 0.7, A)
     torch.testing.assert_close(layer_path(x, A), reference)
 
@@ -115,11 +115,26 @@ def test_dropout_path_under_bf16_autocast_matches_autograd(x_dtype):
         torch.manual_seed(1)
         out = _DropoutThenA.apply(x, A, 0.2)
         torch.manual_seed(1)
-        reference = nn.functional.linear(_kept(x, torch.rand(x.shape) >= 0.2, 0.2), A)
+        reference = nn.functional.linear(_kept(x, _keep_mask(x.shape, 0.2, x.device), 0.2), A)
     grad = torch.randn_like(out)
     for mine, theirs in zip(torch.autograd.grad(out, (x, A), grad), torch.autograd.grad(reference, (x, A), grad)):
         assert mine.dtype == theirs.dtype
         torch.testing.assert_close(mine, theirs, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+def test_the_dropout_mask_keeps_each_input_with_probability_one_minus_p(p):
+    torch.manual_seed(0)
+    shape = torch.Size([3, 1001, 333])  # an odd count: half of the last 64-bit draw is unused
+    keep = _keep_mask(shape, p, torch.device("cpu"))
+    assert keep.dtype == torch.bool and keep.shape == shape
+    n = shape.numel()
+    assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5  # five binomial sigmas
+    # neighbours (the two halves of one 64-bit draw) are independent: P(both kept) = (1 - p)^2
+    pairs, both = keep.flatten()[:n - 1].view(-1, 2), (1 - p) ** 2
+    assert abs((pairs[:, 0] & pairs[:, 1]).float().mean().item() - both) < 5 * (both * (1 - both) / len(pairs)) ** 0.5
+    assert _keep_mask(shape, 0.0, torch.device("cpu")).all()
+    assert not torch.equal(keep, _keep_mask(shape, p, torch.device("cpu")))  # a new mask each call
 
 
 def test_dropout_keeps_only_its_input_and_a_byte_mask_for_backward():
