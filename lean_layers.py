@@ -10,14 +10,15 @@ small op of a layer needs for its own backward. Two layers of a Llama block keep
               autograd keeps gate(x), silu(gate(x)) and up(x); here: gate(x) and up(x), and backward
               recomputes silu(gate(x)), one pass.
 
-What each part keeps, with and without these: experiments/results/q7_saved.json; the step's memory and
-time: experiments/results/q7_causal_step.json (less memory, the same time).
+What each part keeps, with and without these: experiments/results/q7_saved.json.
 
-    Causal attention on a CPU: torch's flash-attention kernel takes the keys in blocks of up to 512, and
-              skips only whole blocks above the diagonal. A block of 512 positions is one key block, so the
-              kernel computes all 512 x 512 scores and masks the future half. Here the queries go in two
-              halves: the first attends only the first half of the keys (a quarter of the scores fewer),
-              the second all keys under a mask. The same math; the values differ by float rounding.
+A causal LM's attention also computes more than its math needs, on a CPU: torch's flash-attention kernel goes
+through the keys in blocks of up to 512 and skips only whole blocks above the diagonal. A sequence of 512
+positions is one key block, so the kernel computes all 512 x 512 scores and then masks the future half.
+causal_attention_in_halves splits the queries in two: the first half attends only the first half of the keys
+(causal), the second half all keys under a mask; a quarter of the scores is not computed. The same math, with
+the values apart by float rounding. The step's memory and time with each of these:
+experiments/results/q7_causal_step.json.
 """
 
 from typing import Any, Optional, Tuple

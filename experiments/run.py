@@ -11,6 +11,7 @@ Experiments behind discussion.md. One subcommand per question; each writes exper
     python experiments/run.py q7_memory                                      # memory and time per step
     python experiments/run.py q7_saved                                       # what autograd keeps, causal LM
     python experiments/run.py q7_causal_step                                 # the causal step: memory, time
+    python experiments/run.py q7_causal_profile                              # where its time goes, vs Trainer's
     python experiments/run.py q8_inference --adapter_dir expected_output     # merged vs pruned vs int8
     python experiments/run.py q10_methods                                    # LoRA, BitFit, full FT, Houlsby, IA3, prefix
     python experiments/run.py q11_dynamic_rank                               # rank allocated by singular values
@@ -582,6 +583,77 @@ def q7_causal_child(setup: str, precision: str) -> dict:
             "seconds_per_step_all": [round(s, 2) for s in seconds]}
 
 
+# Profiler op names by kind (self CPU time of each op; the rest is elementwise work, casts and the optimizer)
+PROFILE_KINDS = (("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")),
+                 ("attention kernels", ("aten::_scaled_dot_product_flash_attention_for_cpu",
+                                        "aten::_scaled_dot_product_flash_attention_for_cpu_backward")),
+                 ("softmax and cross-entropy", ("aten::_log_softmax", "aten::_log_softmax_backward_data",
+                                                "aten::nll_loss_forward", "aten::nll_loss_backward", "aten::exp_")),
+                 ("dtype casts and copies", ("aten::copy_",)))
+
+
+def q7_causal_profile(args):
+    """Where the causal step's time goes, this repo's against HF Trainer + PEFT's, each in a process of its own:
+    SmolLM2-135M, LoRA r=8 q_proj+v_proj dropout 0.05, 8 x 512 tokens, at the precision auto picks (Trainer's
+    way: fp32 weights under bf16 autocast, PEFT's layers, the model's own loss). Step 3 under torch.profiler
+    (self CPU time of each op, by PROFILE_KINDS), after two steps unprofiled; and the median of steps 4 to 6
+    without the profiler."""
+    from precision import resolve_precision
+    precision, rows = resolve_precision("auto", torch.device("cpu")), []
+    for side in ("this repo", "HF Trainer + PEFT"):
+        rows.append({"side": side, **measure_in_child("experiments/run.py:q7_profile_child", side=side,
+                                                      precision=precision)})
+        print(rows[-1], flush=True)
+    save("q7_causal_profile", {"model": "SmolLM2-135M (bundled), LoRA r=8 q_proj+v_proj, dropout 0.05",
+                               "batch": "8 x 512 tokens", "precision": precision,
+                               "kinds": {kind: list(ops) for kind, ops in PROFILE_KINDS}, "rows": rows})
+
+
+def q7_profile_child(side: str, precision: str) -> dict:
+    """One side of q7_causal_profile, run by harness.measure_in_child in a process of its own."""
+    import statistics
+    from torch.profiler import ProfilerActivity, profile
+    from lean_layers import use_lean_layers
+    from losses import ChunkedCausalLM
+    from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
+    from precision import autocast_context, trainable_to_fp32
+    from sources import load_base_model
+    torch.manual_seed(0)
+    if side == "this repo":  # what build_run makes for this track
+        model, _, _ = load_base_model("smollm2", "causal_lm", 2, "auto", precision)
+        trainable_to_fp32(mark_only_lora_as_trainable(apply_lora_to_model(model, ["q_proj", "v_proj"], 8, 16, 0.05)))
+        use_lean_layers(model)
+        step_model = ChunkedCausalLM(model.train())
+    else:  # what benchmarks/hf_trainer_reference.py trains
+        from peft import LoraConfig, get_peft_model
+        model, _, _ = load_base_model("smollm2", "causal_lm", 2, "auto", "fp32")
+        step_model = model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
+                                                              target_modules=["q_proj", "v_proj"],
+                                                              task_type="CAUSAL_LM")).train()
+    ids = torch.randint(100, 40000, (8, 512))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    device = torch.device("cpu")
+
+    def step() -> float:
+        start = time.perf_counter()
+        with autocast_context(precision, device):
+            loss = step_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+    step(), step()
+    with profile(activities=[ProfilerActivity.CPU]) as profiler:
+        profiled = step()
+    seconds = [step() for _ in range(3)]
+    self_seconds = {event.key: event.self_cpu_time_total / 1e6 for event in profiler.key_averages()}
+    kinds = {kind: round(sum(self_seconds.get(op, 0.0) for op in ops), 2) for kind, ops in PROFILE_KINDS}
+    total = sum(self_seconds.values())
+    return {"seconds_per_step": round(statistics.median(seconds), 2), "profiled_step_s": round(profiled, 2),
+            "profiled_self_cpu_s": round(total, 2), "by_kind_s": {**kinds, "everything else": round(
+                total - sum(kinds.values()), 2)}}
+
+
 def q7_child(mode: str) -> dict:
     """One setup of q7_memory, run by harness.measure_in_child in a process of its own."""
     from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
@@ -837,7 +909,7 @@ def q12_vit(args):
 
 
 COMMANDS = {f.__name__: f for f in (q1_spectrum, q2_rank, q3_init_B, q4_targets, q5_scaling, q6_merge_precision,
-                                    q7_saved, q7_memory, q7_causal_step, q8_inference, q10_methods, q10_lr,
+                                    q7_saved, q7_memory, q7_causal_step, q7_causal_profile, q8_inference, q10_methods, q10_lr,
                                     q11_dynamic_rank, q11_adaptive_rank, q12_vit)}
 
 
