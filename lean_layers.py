@@ -36,6 +36,9 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm")
 SWIGLU_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP")
 CPU_KEY_BLOCK = 512  # keys per block of torch's CPU flash attention (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp)
+# Below 384 positions a half has fewer than 192 queries, which the kernel takes 32 at a time instead of 64: the
+# two calls then cost more than the scores they skip
+MIN_HALVED_LENGTH = 384
 HALVED_ATTENTION = "sdpa_causal_halves"  # the attention implementation's name in transformers' registry
 
 
@@ -98,13 +101,13 @@ def causal_attention_in_halves(module: nn.Module, query: torch.Tensor, key: torc
                                scaling: Optional[float] = None, is_causal: Optional[bool] = None,
                                **kwargs: Any) -> Tuple[torch.Tensor, None]:
     """transformers' sdpa attention, with the queries in two halves where that computes fewer scores: on a
-    CPU, causal, unpadded (no mask), no attention dropout, 256 to CPU_KEY_BLOCK positions. Anything else:
-    transformers' own sdpa_attention_forward."""
+    CPU, causal, unpadded (no mask), no attention dropout, MIN_HALVED_LENGTH to CPU_KEY_BLOCK positions.
+    Anything else: transformers' own sdpa_attention_forward."""
     length = query.shape[2]
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     if (query.device.type != "cpu" or attention_mask is not None or dropout or not causal
             or kwargs.get("position_bias") is not None or kwargs.get("softcap") is not None
-            or key.shape[2] != length or not 256 <= length <= CPU_KEY_BLOCK):
+            or key.shape[2] != length or not MIN_HALVED_LENGTH <= length <= CPU_KEY_BLOCK):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     half = length // 2

@@ -176,7 +176,7 @@ def attention_calls(model, ids, attention_mask=None, monkeypatch=None):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-@pytest.mark.parametrize("length", [256, 301, 512])
+@pytest.mark.parametrize("length", [384, 401, 512])
 def test_attention_in_halves_gives_sdpa_values_with_fewer_scores(arch, length, monkeypatch):
     model = long_causal_lm(arch)
     ids = torch.randint(1, VOCAB, (2, length), generator=torch.Generator().manual_seed(0))
@@ -190,7 +190,7 @@ def test_attention_in_halves_gives_sdpa_values_with_fewer_scores(arch, length, m
     torch.testing.assert_close(halved_grad, grad, rtol=1e-5, atol=1e-7)
 
 
-@pytest.mark.parametrize("length, padded", [(128, False), (600, False), (512, True)])
+@pytest.mark.parametrize("length, padded", [(383, False), (600, False), (512, True)])
 def test_attention_in_halves_leaves_other_cases_to_sdpa(length, padded, monkeypatch):
     """Shorter or longer than one key block of the CPU kernel, or padded (a mask): sdpa's own call."""
     model = long_causal_lm("llama")
