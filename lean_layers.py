@@ -126,14 +126,15 @@ ALL_MASK_ATTENTION_FUNCTIONS.register(HALVED_ATTENTION, sdpa_mask)  # the masks 
 
 
 def use_lean_layers(model: nn.Module) -> int:
-    """Give the model's RMSNorms and SwiGLU MLPs (RMS_NORMS, SWIGLU_MLPS) the forwards above, and a causal
-    LM on sdpa attention causal_attention_in_halves; returns how many modules changed (0 for other
-    architectures: GPT-2, BERT, ...). Parameters and state_dict stay as they were: only the modules' forward
-    is replaced, on this model's instances (a bound method: the model still deep-copies, but no longer
-    pickles whole; save its state_dict, as this repo does)."""
+    """Give the model's RMSNorms and SwiGLU MLPs (RMS_NORMS, SWIGLU_MLPS) the forwards above, and switch a
+    decoder-only LM from sdpa to causal_attention_in_halves; returns how many norms and MLPs changed (0 for
+    other architectures: GPT-2, BERT, ...). Parameters and state_dict stay as they were. The norms and MLPs
+    change on this model's instances (a bound method: the model still deep-copies, but no longer pickles
+    whole; save its state_dict, as this repo does); the attention changes in model.config, which a model
+    built from the same config object shares (transformers does not save this setting)."""
     config = model.config
     if config._attn_implementation == "sdpa" and model.can_generate() and not config.is_encoder_decoder:
-        config._attn_implementation = HALVED_ATTENTION  # a decoder-only LM: its self-attention is causal
+        model.set_attn_implementation(HALVED_ATTENTION)  # a decoder-only LM: its self-attention is causal
     changed = 0
     for module in model.modules():
         name = type(module).__name__

@@ -83,14 +83,15 @@ def lora_scaling(rank: int, alpha: float, scaling_mode: str = "standard") -> flo
 
 
 def _keep_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """Which inputs dropout keeps: bools, each True with probability 1 - p. On a CPU from 32-bit random
-    integers, two from each 64-bit draw of the generator, which torch.rand spends on one float: half the
-    draws, and p exact to 2^-32 (fp32 draws: 2^-24; bf16 draws would round p)."""
+    """Which inputs dropout keeps: bools, each True with probability 1 - p. On a CPU from random 32-bit
+    integers compared with a threshold: as many of the generator's 32-bit outputs as torch.rand's floats, but
+    no conversion to floats, and p resolved to 2^-32 (fp32 draws: 2^-24; bf16 draws would round p)."""
     if device.type != "cpu":
         return torch.rand(shape, device=device) >= p
     count = math.prod(shape)
     bits = torch.empty((count + 1) // 2, dtype=torch.int64).random_(-2 ** 63, None).view(torch.int32)[:count]
-    return (bits >= round(p * 2 ** 32) - 2 ** 31).view(shape)  # uniform on [-2^31, 2^31): P(kept) = 1 - p
+    dropped = min(round(p * 2 ** 32), 2 ** 32 - 1)  # of the 2^32 values; capped: p near 1 must not wrap around
+    return (bits >= dropped - 2 ** 31).view(shape)  # bits uniform on [-2^31, 2^31): P(kept) = 1 - p
 
 
 def _kept(t: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:

@@ -563,7 +563,7 @@ def q7_causal_child(setup: str, precision: str) -> dict:
     if setup.startswith("lean_layers"):
         use_lean_layers(model)
         if "halves" not in setup:
-            model.config._attn_implementation = "sdpa"  # the norms and MLPs alone
+            model.set_attn_implementation("sdpa")  # the norms and MLPs alone
     step_model = ChunkedCausalLM(model.train(), chunk_size=1024 if "1,024" in setup else None)
     ids = torch.randint(100, 40000, (8, 512))
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)

@@ -144,14 +144,15 @@ def test_training_a_llama_style_causal_lm_uses_them(tiny_assets, tmp_path):
     assert replaced["model.layers.1.mlp"] is lean_layers._swiglu_forward
 
 
-def long_causal_lm(arch, seed=0):
-    """A tiny random Llama (grouped-query: 2 key/value heads for 4 query heads) or GPT-2 that takes 600 positions."""
+def long_causal_lm(arch, seed=0, **gpt2_options):
+    """A tiny random Llama (grouped-query: 2 key/value heads for 4 query heads) or GPT-2 that takes 600 positions;
+    GPT-2 without dropout unless gpt2_options say otherwise."""
     import transformers
     torch.manual_seed(seed)
     if arch == "gpt2":
+        options = {"attn_pdrop": 0.0, "resid_pdrop": 0.0, "embd_pdrop": 0.0, **gpt2_options}
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(
-            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=600, attn_pdrop=0.0, resid_pdrop=0.0,
-            embd_pdrop=0.0)).train()
+            vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=600, **options)).train()
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, max_position_embeddings=600)).train()
@@ -175,10 +176,12 @@ def attention_calls(model, ids, attention_mask=None, monkeypatch=None):
     return logits.detach(), embeddings.grad.clone(), lengths
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt2 scaled by layer"])
 @pytest.mark.parametrize("length", [384, 401, 512])
 def test_attention_in_halves_gives_sdpa_values_with_fewer_scores(arch, length, monkeypatch):
-    model = long_causal_lm(arch)
+    # GPT-2's scale_attn_by_inverse_layer_idx: another scale per layer, which the halves must pass on
+    model = long_causal_lm(arch.split()[0], scale_attn_by_inverse_layer_idx=True) if "scaled" in arch \
+        else long_causal_lm(arch)
     ids = torch.randint(1, VOCAB, (2, length), generator=torch.Generator().manual_seed(0))
     logits, grad, lengths = attention_calls(model, ids, monkeypatch=monkeypatch)
     assert lengths == [length] * 2  # transformers' sdpa: one call a layer
@@ -204,6 +207,28 @@ def test_attention_in_halves_leaves_other_cases_to_sdpa(length, padded, monkeypa
     assert lengths == [length] * 2
     assert torch.equal(halved_logits, logits)
     torch.testing.assert_close(halved_grad, grad, rtol=1e-6, atol=1e-9)  # summed into the embeddings by threads
+
+
+def test_attention_dropout_keeps_sdpa(monkeypatch):
+    model = long_causal_lm("gpt2", attn_pdrop=0.1)  # in training mode: sdpa's own dropout
+    use_lean_layers(model)
+    _, _, lengths = attention_calls(model, torch.randint(1, VOCAB, (2, 512)), monkeypatch=monkeypatch)
+    assert lengths == [512] * 2
+
+
+@pytest.mark.parametrize("case", ["not causal", "fewer queries than keys (a cache)"])
+def test_attention_in_halves_leaves_these_calls_to_sdpa(case):
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+    model = long_causal_lm("llama")
+    module = model.model.layers[0].self_attn
+    generator = torch.Generator().manual_seed(0)
+    queries = 400 if "cache" in case else 512
+    query = torch.randn(2, 4, queries, 8, generator=generator)
+    key, value = torch.randn(2, 2, 512, 8, generator=generator), torch.randn(2, 2, 512, 8, generator=generator)
+    options = {"is_causal": False} if case == "not causal" else {}
+    expected, _ = sdpa_attention_forward(module, query, key, value, None, scaling=0.3, **options)
+    got, _ = lean_layers.causal_attention_in_halves(module, query, key, value, None, scaling=0.3, **options)
+    assert torch.equal(got, expected)
 
 
 def test_an_encoder_keeps_its_attention():

@@ -134,6 +134,7 @@ def test_the_dropout_mask_keeps_each_input_with_probability_one_minus_p(p):
     pairs, both = keep.flatten()[:n - 1].view(-1, 2), (1 - p) ** 2
     assert abs((pairs[:, 0] & pairs[:, 1]).float().mean().item() - both) < 5 * (both * (1 - both) / len(pairs)) ** 0.5
     assert _keep_mask(shape, 0.0, torch.device("cpu")).all()
+    assert not _keep_mask(shape, 1 - 1e-12, torch.device("cpu")).any()  # p near 1 drops (no integer wrap-around)
     assert not torch.equal(keep, _keep_mask(shape, p, torch.device("cpu")))  # a new mask each call
 
 
