@@ -71,6 +71,30 @@ def test_auto_run_records_the_measured_choice(tiny_assets, tmp_path, monkeypatch
     assert f"precision: {chosen} (auto: " in (tmp_path / "run" / "training_log.txt").read_text()
 
 
+@pytest.mark.parametrize("tokens", [1024, 64, 1])
+def test_auto_times_whole_longest_rows_up_to_the_token_cap(tiny_assets, tmp_path, monkeypatch, tokens):
+    """The timed batch: the longest rows, as many as fit PRECISION_TRIAL_TOKENS (at least one), never more than
+    a batch; the fp32 trial of a full causal-LM batch would hold more memory than the run itself."""
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: True)
+    monkeypatch.setattr(train_lora_basic, "PRECISION_TRIAL_TOKENS", tokens)
+    shapes = []
+
+    def fake_seconds(model, batch, candidate, device):
+        shapes.append(tuple(batch["input_ids"].shape))
+        return {"fp32": 2.0, "bf16": 1.0}[candidate]
+    monkeypatch.setattr(train_lora_basic, "seconds_per_training_step", fake_seconds)
+    lengths, measure = [], train_lora_basic.measure_precision
+
+    def spy(model, step_model, train_set, *args):
+        lengths.extend(len(e["input_ids"]) for e in train_set)
+        return measure(model, step_model, train_set, *args)
+    monkeypatch.setattr(train_lora_basic, "measure_precision", spy)
+    assert train_lora_basic.main(bert_args(tiny_assets, tmp_path / "run", "--epochs", "1", "--precision", "auto")) == 0
+    (rows, length), = set(shapes)
+    assert rows == min(16, max(1, tokens // length))  # bert_args: batch 16
+    assert length == max(lengths) and len(set(lengths)) > 1  # the longest rows of sentences of several lengths
+
+
 def test_a_resumed_auto_run_keeps_its_precision_without_measuring_again(tiny_assets, tmp_path, monkeypatch):
     out = tmp_path / "run"
 
