@@ -549,36 +549,50 @@ def q7_causal_step(args):
                             "rows": rows})
 
 
+def _smollm2_lora(precision: str):
+    """SmolLM2-135M with LoRA r=8 alpha 16 dropout 0.05 on q_proj+v_proj, frozen weights stored in `precision`,
+    the LoRA weights in fp32: what build_run makes for the causal track (before lean_layers)."""
+    from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
+    from precision import trainable_to_fp32
+    from sources import load_base_model
+    model, _, _ = load_base_model("smollm2", "causal_lm", 2, "auto", precision)
+    trainable_to_fp32(mark_only_lora_as_trainable(apply_lora_to_model(model, ["q_proj", "v_proj"], 8, 16, 0.05)))
+    return model
+
+
+def _timed_causal_steps(step_model, model, precision: str):
+    """A step function for the q7 causal children: one optimizer step on the same 8 x 512 random tokens under
+    `precision`'s autocast, returning its seconds."""
+    from precision import autocast_context
+    ids = torch.randint(100, 40000, (8, 512))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    device = torch.device("cpu")
+
+    def step() -> float:
+        start = time.perf_counter()
+        with autocast_context(precision, device):
+            loss = step_model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+    return step
+
+
 def q7_causal_child(setup: str, precision: str) -> dict:
     """One setup of q7_causal_step, run by harness.measure_in_child in a process of its own."""
     import statistics
     from lean_layers import use_lean_layers
     from losses import ChunkedCausalLM
-    from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
-    from precision import autocast_context, trainable_to_fp32
-    from sources import load_base_model
     torch.manual_seed(0)
-    model, _, _ = load_base_model("smollm2", "causal_lm", 2, "auto", precision)
-    trainable_to_fp32(mark_only_lora_as_trainable(apply_lora_to_model(model, ["q_proj", "v_proj"], 8, 16, 0.05)))
+    model = _smollm2_lora(precision)
     if setup.startswith("lean_layers"):
         use_lean_layers(model)
         if "halves" not in setup:
             model.set_attn_implementation("sdpa")  # the norms and MLPs alone
     step_model = ChunkedCausalLM(model.train(), chunk_size=1024 if "1,024" in setup else None)
-    ids = torch.randint(100, 40000, (8, 512))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    device, seconds = torch.device("cpu"), []
-
-    def steps():
-        for _ in range(6):
-            start = time.perf_counter()
-            with autocast_context(precision, device):
-                loss = step_model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            seconds.append(time.perf_counter() - start)
-    peak = peak_memory_during(steps, device)
+    step, seconds = _timed_causal_steps(step_model, model, precision), []
+    peak = peak_memory_during(lambda: seconds.extend(step() for _ in range(6)), torch.device("cpu"))
     return {"peak_mb": round(peak), "seconds_per_step": round(statistics.median(seconds[2:]), 2),
             "seconds_per_step_all": [round(s, 2) for s in seconds]}
 
@@ -615,13 +629,10 @@ def q7_profile_child(side: str, precision: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from lean_layers import use_lean_layers
     from losses import ChunkedCausalLM
-    from lora_linear import apply_lora_to_model, mark_only_lora_as_trainable
-    from precision import autocast_context, trainable_to_fp32
     from sources import load_base_model
     torch.manual_seed(0)
     if side == "this repo":  # what build_run makes for this track
-        model, _, _ = load_base_model("smollm2", "causal_lm", 2, "auto", precision)
-        trainable_to_fp32(mark_only_lora_as_trainable(apply_lora_to_model(model, ["q_proj", "v_proj"], 8, 16, 0.05)))
+        model = _smollm2_lora(precision)
         use_lean_layers(model)
         step_model = ChunkedCausalLM(model.train())
     else:  # what benchmarks/hf_trainer_reference.py trains
@@ -630,18 +641,7 @@ def q7_profile_child(side: str, precision: str) -> dict:
         step_model = model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05,
                                                               target_modules=["q_proj", "v_proj"],
                                                               task_type="CAUSAL_LM")).train()
-    ids = torch.randint(100, 40000, (8, 512))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    device = torch.device("cpu")
-
-    def step() -> float:
-        start = time.perf_counter()
-        with autocast_context(precision, device):
-            loss = step_model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return time.perf_counter() - start
+    step = _timed_causal_steps(step_model, model, precision)
     step(), step()
     with profile(activities=[ProfilerActivity.CPU]) as profiler:
         profiled = step()
