@@ -399,19 +399,25 @@ def load_config(args: argparse.Namespace) -> dict:
                           f"is {config['task']}; use offline_model: auto")
     # a task other than the model's own (GPT-2 as a classifier) is part of the run's name
     name_extra = [f"task-{task}"] if own_task and task != own_task else []
+    named_by_configuration = (flags.get("output_dir") or user.get("output_dir")) is None
+    if named_by_configuration and asset:
+        import sources  # imports this module
+        if sources.falls_back(model_name):  # offline, another model: never the folder of the real model's run
+            name_extra.append(f"offline-{asset}")
     config["output_dir"], config["logging_dir"] = run_folders(config, validate_config(track), name_extra)
     if os.path.isdir(model_name) and os.path.realpath(config["output_dir"]) == os.path.realpath(model_name):
         raise ConfigError(f"output_dir is the model folder '{model_name}': the adapter would be written into the "
                           f"base model; choose another output_dir")
     config["track"] = {"task": config["task"], "decided_by": task_reason,
-                       "named_by_configuration": (flags.get("output_dir") or user.get("output_dir")) is None}
+                       "named_by_configuration": named_by_configuration}
     return config
 
 
 def run_folders(config: dict, track_defaults: dict, name_extra: Sequence[str] = ()) -> tuple:
     """(output_dir, logging_dir). No output_dir: one folder per configuration, results/<run name>, named by
     the model and every setting that differs from the track's defaults, so a sweep never overwrites or
-    refuses an earlier run with other settings. A bare name goes to results/<name>; a path is kept."""
+    refuses an earlier run with other settings; a run on the offline fallback says so (gpt2_offline-smollm2), so
+    it never meets the real model's run. A bare name goes to results/<name>; a path is kept."""
     output_dir = config["output_dir"]
     if output_dir and (os.sep in output_dir or "/" in output_dir or output_dir.startswith((".", "~"))):
         return output_dir, config["logging_dir"] or os.path.join(output_dir, "logs")

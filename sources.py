@@ -97,6 +97,13 @@ def resolve_model_source(model_name: str, fallback: Optional[str] = None) -> Tup
                                         "source": assets.PROVENANCE[fallback], "fallback": True, "reason": reason}
 
 
+def falls_back(model_name: str) -> bool:
+    """True when resolve_model_source would replace `model_name` by the offline fallback asset: the run then
+    trains another model, so its results folder is named for that (config.run_folders)."""
+    return not (model_name in assets.FALLBACK_MODELS or model_name in ASSET_HUB_IDS.values()
+                or model_reachable(model_name))
+
+
 def model_reachable(model_name: str) -> bool:
     """True if `model_name` loads without the offline fallback: a folder, the Hub, or the local cache."""
     return os.path.isdir(model_name) or hub_reachable() or _in_hf_cache(model_name)

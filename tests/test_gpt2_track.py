@@ -317,6 +317,20 @@ def test_a_gpt2_adapter_generates_in_demo_and_interactive_modes_beside_the_base(
     assert "a prompt to continue" in out and "adapter  the movie|" in out and "no LoRA  the movie|" in out
 
 
+def test_a_run_on_the_offline_fallback_has_its_own_folder(monkeypatch):
+    import sources
+    monkeypatch.setattr(sources, "model_reachable", lambda name: True)  # online, or gpt2 in the cache
+    online = config_of("--model", "gpt2", "--rank", "4")
+    monkeypatch.setattr(sources, "model_reachable", lambda name: False)  # offline: SmolLM2 will be trained
+    offline = config_of("--model", "gpt2", "--rank", "4")
+    assert online["output_dir"] == os.path.join("results", "gpt2_rank4")
+    assert offline["output_dir"] == os.path.join("results", "gpt2_offline-smollm2_rank4")
+    assert offline["logging_dir"] == os.path.join("logs", "gpt2_offline-smollm2_rank4")
+    assert config_of("--model", "gpt2", "--offline_model", "none")["output_dir"] == os.path.join("results", "gpt2")
+    assert config_of("--model", "gpt2", "--output_dir", "mine")["output_dir"] == os.path.join("results", "mine")
+    assert config_of("--model", "smollm2")["output_dir"] == os.path.join("results", "smollm2")  # the asset itself
+
+
 def test_a_finished_fallback_run_is_not_taken_for_the_real_model_once_it_can_be_had(tmp_path, monkeypatch):
     import argparse
     import run_folder
