@@ -17,7 +17,10 @@ through the keys in blocks of up to 512 and skips only whole blocks above the di
 positions is one key block, so the kernel computes all 512 x 512 scores and then masks the future half.
 causal_attention_in_halves splits the queries in two: the first half attends only the first half of the keys
 (causal), the second half all keys under a mask; a quarter of the scores is not computed. The same math, with
-the values apart by float rounding. The step's memory and time with each of these:
+the values apart by float rounding. With grouped-query attention (SmolLM2: 9 query heads share 3 key/value
+heads), the query heads that share a key/value head are stacked into one longer column of queries, so that the
+kernel takes them 256 at a time instead of 64: its backward makes five small matrix products per block of
+queries, and fewer, larger blocks are faster. The step's memory and time with each of these:
 experiments/results/q7_causal_step.json.
 """
 
@@ -39,6 +42,7 @@ CPU_KEY_BLOCK = 512  # keys per block of torch's CPU flash attention (aten/src/A
 # Below 384 positions a half has fewer than 192 queries, which the kernel takes 32 at a time instead of 64: the
 # two calls then cost more than the scores they skip
 MIN_HALVED_LENGTH = 384
+WIDE_QUERY_BLOCK_ROWS = 768  # from this many queries on, the kernel takes 256 a block instead of 64 (or 32)
 HALVED_ATTENTION = "sdpa_causal_halves"  # the attention implementation's name in transformers' registry
 
 
@@ -111,14 +115,29 @@ def causal_attention_in_halves(module: nn.Module, query: torch.Tensor, key: torc
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     half = length // 2
-    grouped = key.shape[1] != query.shape[1]  # grouped-query attention: fewer key/value heads, shared
+    group = query.shape[1] // key.shape[1]  # query heads per key/value head (grouped-query attention: > 1)
+    # query i sees keys 0 .. i: the first half of the queries the first half of the keys, the second half all
+    sees = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+    if group * half >= WIDE_QUERY_BLOCK_ROWS:  # stacked: (batch, kv heads, group x queries, dim), masks repeated
+        stacked = [_attend_stacked(query[:, :, rows], key[:, :, :keys], value[:, :, :keys], sees[rows, :keys],
+                                   scaling, group) for rows, keys in ((slice(0, half), half), (slice(half, None), length))]
+        return torch.cat(stacked, 2).transpose(1, 2).contiguous(), None  # (batch, positions, heads, dim)
     first = F.scaled_dot_product_attention(query[:, :, :half], key[:, :, :half], value[:, :, :half],
-                                           is_causal=True, scale=scaling, enable_gqa=grouped)
-    # query half + i sees keys 0 .. half + i
-    sees = torch.ones(length - half, length, dtype=torch.bool, device=query.device).tril(half)
-    second = F.scaled_dot_product_attention(query[:, :, half:], key, value, attn_mask=sees, scale=scaling,
-                                            enable_gqa=grouped)
-    return torch.cat([first, second], 2).transpose(1, 2).contiguous(), None  # (batch, positions, heads, dim)
+                                           is_causal=True, scale=scaling, enable_gqa=group > 1)
+    second = F.scaled_dot_product_attention(query[:, :, half:], key, value, attn_mask=sees[half:], scale=scaling,
+                                            enable_gqa=group > 1)
+    return torch.cat([first, second], 2).transpose(1, 2).contiguous(), None
+
+
+def _attend_stacked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sees: torch.Tensor,
+                    scaling: Optional[float], group: int) -> torch.Tensor:
+    """sdpa of query (batch, heads, n, dim) on key/value (batch, heads // group, keys, dim) under the boolean
+    mask `sees` (n x keys), with the `group` query heads of each key/value head stacked into one sequence of
+    group x n queries (head h uses key/value head h // group, as transformers' repeat_kv has it)."""
+    batch, heads, n, dim = query.shape
+    out = F.scaled_dot_product_attention(query.reshape(batch, heads // group, group * n, dim), key, value,
+                                         attn_mask=sees.repeat(group, 1), scale=scaling)
+    return out.view(batch, heads, n, dim)
 
 
 ALL_ATTENTION_FUNCTIONS.register(HALVED_ATTENTION, causal_attention_in_halves)

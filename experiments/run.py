@@ -527,6 +527,7 @@ def q7_saved(args):
 
 Q7_CAUSAL_SETUPS = ("autograd's layers, 1,024-position loss chunks", "lean_layers, 1,024-position loss chunks",
                     "lean_layers, loss chunks of CHUNK_ELEMENTS logits",
+                    "lean_layers and attention in halves, query heads not stacked, loss chunks of CHUNK_ELEMENTS logits",
                     "lean_layers and attention in halves, loss chunks of CHUNK_ELEMENTS logits (training's default)")
 
 
@@ -535,7 +536,7 @@ def q7_causal_step(args):
     dropout 0.05, a batch of 8 x 512 tokens, at the precision auto picks on this CPU (frozen weights stored in
     it). With transformers' own RMSNorm and SwiGLU or lean_layers', the loss in chunks of 1,024 positions (the
     previous chunk size) or of losses.CHUNK_ELEMENTS logits, and sdpa attention or lean_layers'
-    causal_attention_in_halves."""
+    causal_attention_in_halves, with or without the query heads of a key/value head stacked."""
     from precision import resolve_precision
     precision, rows = resolve_precision("auto", torch.device("cpu")), []
     for setup in Q7_CAUSAL_SETUPS:
@@ -582,6 +583,7 @@ def _timed_causal_steps(step_model, model, precision: str):
 def q7_causal_child(setup: str, precision: str) -> dict:
     """One setup of q7_causal_step, run by harness.measure_in_child in a process of its own."""
     import statistics
+    import lean_layers
     from lean_layers import use_lean_layers
     from losses import ChunkedCausalLM
     torch.manual_seed(0)
@@ -590,6 +592,8 @@ def q7_causal_child(setup: str, precision: str) -> dict:
         use_lean_layers(model)
         if "halves" not in setup:
             model.set_attn_implementation("sdpa")  # the norms and MLPs alone
+        if "not stacked" in setup:
+            lean_layers.WIDE_QUERY_BLOCK_ROWS = 2 ** 62  # no group of query heads is ever that long
     step_model = ChunkedCausalLM(model.train(), chunk_size=1024 if "1,024" in setup else None)
     step, seconds = _timed_causal_steps(step_model, model, precision), []
     peak = peak_memory_during(lambda: seconds.extend(step() for _ in range(6)), torch.device("cpu"))

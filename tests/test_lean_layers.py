@@ -144,8 +144,8 @@ def test_training_a_llama_style_causal_lm_uses_them(tiny_assets, tmp_path):
     assert replaced["model.layers.1.mlp"] is lean_layers._swiglu_forward
 
 
-def long_causal_lm(arch, seed=0, **gpt2_options):
-    """A tiny random Llama (grouped-query: 2 key/value heads for 4 query heads) or GPT-2 that takes 600 positions;
+def long_causal_lm(arch, seed=0, heads=4, **gpt2_options):
+    """A tiny random Llama (grouped-query: 2 key/value heads for `heads` query heads) or GPT-2 that takes 600 positions;
     GPT-2 without dropout unless gpt2_options say otherwise."""
     import transformers
     torch.manual_seed(seed)
@@ -154,7 +154,7 @@ def long_causal_lm(arch, seed=0, **gpt2_options):
         return transformers.GPT2LMHeadModel(transformers.GPT2Config(
             vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=600, **options)).train()
     return transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=heads,
         num_key_value_heads=2, max_position_embeddings=600)).train()
 
 
@@ -176,19 +176,21 @@ def attention_calls(model, ids, attention_mask=None, monkeypatch=None):
     return logits.detach(), embeddings.grad.clone(), lengths
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2", "gpt2 scaled by layer"])
+@pytest.mark.parametrize("arch", ["llama", "llama, 4 query heads a key/value head", "gpt2", "gpt2 scaled by layer"])
 @pytest.mark.parametrize("length", [384, 401, 512])
 def test_attention_in_halves_gives_sdpa_values_with_fewer_scores(arch, length, monkeypatch):
     # GPT-2's scale_attn_by_inverse_layer_idx: another scale per layer, which the halves must pass on
-    model = long_causal_lm(arch.split()[0], scale_attn_by_inverse_layer_idx=True) if "scaled" in arch \
-        else long_causal_lm(arch)
+    model = long_causal_lm("gpt2", scale_attn_by_inverse_layer_idx=True) if "scaled" in arch \
+        else long_causal_lm("llama", heads=8) if "4 query heads" in arch else long_causal_lm(arch)
     ids = torch.randint(1, VOCAB, (2, length), generator=torch.Generator().manual_seed(0))
     logits, grad, lengths = attention_calls(model, ids, monkeypatch=monkeypatch)
     assert lengths == [length] * 2  # transformers' sdpa: one call a layer
     use_lean_layers(model)
     assert model.config._attn_implementation == lean_layers.HALVED_ATTENTION
     halved_logits, halved_grad, halved_lengths = attention_calls(model, ids, monkeypatch=monkeypatch)
-    assert halved_lengths == [length // 2, length - length // 2] * 2  # two halves of the queries a layer
+    # two halves of the queries a layer; with 4 query heads a key/value head, 4 x 192 and more queries: stacked
+    stacked = 4 if "4 query heads" in arch else 1
+    assert halved_lengths == [stacked * (length // 2), stacked * (length - length // 2)] * 2
     torch.testing.assert_close(halved_logits, logits, rtol=1e-5, atol=1e-5)  # the same math, rounded apart
     torch.testing.assert_close(halved_grad, grad, rtol=1e-5, atol=1e-7)
 
