@@ -476,7 +476,10 @@ def section_precision(args, device):
 def section_causal(args, device):
     """The GPT-2 track's step offline: SmolLM2-135M, blocks of 8 x 512 tokens of the English text, LoRA r=8 on
     q_proj+v_proj, lr 2e-4, the same number of steps, at the precision auto picks. This repo's command vs HF
-    Trainer + PEFT: seconds per step, peak RSS of each run's own process, perplexity on the same eval blocks."""
+    Trainer + PEFT: seconds per step, peak RSS of each run's own process, perplexity on the same eval blocks.
+    Each contender runs --causal_rounds times, the order reversed every other round, so that a machine whose
+    speed drifts over the minutes (these shared 2-core machines do) weighs on every side alike; time per step
+    is the mean over the rounds."""
     steps, block = (2, 64) if args.quick else (args.causal_steps, 512)
     precision = resolve_precision("auto", device)
     print(f"causal LM: SmolLM2-135M, {steps} steps of 8 x {block} tokens, r=8 q_proj+v_proj, precision {precision}")
@@ -485,16 +488,21 @@ def section_causal(args, device):
             "--logging_steps", "1", *common]
     reference = [sys.executable, HF_REFERENCE, "--task", "causal_lm", "--block_size", str(block), "--lr", "2e-4",
                  *common]
-    results = {}
     contenders = (("this repo (train_lora_basic.py)", ours),
                   ("this repo, --gradient_checkpointing", ours + ["--gradient_checkpointing"]),
                   ("HF Trainer + PEFT", reference))
-    for name, cmd in contenders:  # offline: both sides on the bundled English text, also where the Hub is reachable
-        metrics = run_training_command(cmd, name, offline=True)
-        results[name] = (metrics["train_time_s"] / steps, metrics["peak_memory_mb"], metrics["best"]["value"])
+    runs = {name: [] for name, _ in contenders}
+    for round_index in range(args.causal_rounds):
+        for name, cmd in contenders[::-1] if round_index % 2 else contenders:
+            # offline: both sides on the bundled English text, also where the Hub is reachable
+            metrics = run_training_command(cmd, name, offline=True)
+            runs[name].append((metrics["train_time_s"] / steps, metrics["peak_memory_mb"], metrics["best"]["value"]))
+    results = {name: (statistics.mean(r[0] for r in rounds), max(r[1] for r in rounds), rounds[-1][2])
+               for name, rounds in runs.items()}
     (ref_step, ref_peak, ref_ppl) = results["HF Trainer + PEFT"]
     for name, (step, peak, ppl) in results.items():
-        record("causal", f"{name}: time per step", step, "s", f"{step / ref_step:.2f}x Trainer")
+        each = ", ".join(f"{r[0]:.2f}" for r in runs[name])
+        record("causal", f"{name}: time per step", step, "s", f"{step / ref_step:.2f}x Trainer; runs: {each} s")
         record("causal", f"{name}: peak RSS", peak, "MB", f"{peak / ref_peak:.2f}x Trainer")
         record("causal", f"{name}: eval perplexity after {steps} steps", ppl, "", f"{ppl / ref_ppl:.3f}x Trainer")
     return results
@@ -601,6 +609,8 @@ def build_parser():
     parser.add_argument("--seeds", type=int, nargs="+", default=[42, 43, 44], help="for the precision and e2e sections")
     parser.add_argument("--causal_steps", type=int, default=20,
                         help="optimizer steps per side in the causal section (the first one warms up)")
+    parser.add_argument("--causal_rounds", type=int, default=2,
+                        help="runs of each side in the causal section, in reversed order every other round")
     parser.add_argument("--output", default=os.path.join(ROOT, "benchmarks", "results.json"))
     return parser
 
