@@ -119,14 +119,15 @@ def causal_attention_in_halves(module: nn.Module, query: torch.Tensor, key: torc
     # query i sees keys 0 .. i: the first half of the queries the first half of the keys, the second half all
     sees = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
     if group * half >= WIDE_QUERY_BLOCK_ROWS:  # stacked: (batch, kv heads, group x queries, dim), masks repeated
-        stacked = [_attend_stacked(query[:, :, rows], key[:, :, :keys], value[:, :, :keys], sees[rows, :keys],
-                                   scaling, group) for rows, keys in ((slice(0, half), half), (slice(half, None), length))]
-        return torch.cat(stacked, 2).transpose(1, 2).contiguous(), None  # (batch, positions, heads, dim)
-    first = F.scaled_dot_product_attention(query[:, :, :half], key[:, :, :half], value[:, :, :half],
-                                           is_causal=True, scale=scaling, enable_gqa=group > 1)
-    second = F.scaled_dot_product_attention(query[:, :, half:], key, value, attn_mask=sees[half:], scale=scaling,
-                                            enable_gqa=group > 1)
-    return torch.cat([first, second], 2).transpose(1, 2).contiguous(), None
+        parts = ((slice(0, half), half), (slice(half, None), length))  # (query rows, keys they may see)
+        halves = [_attend_stacked(query[:, :, rows], key[:, :, :keys], value[:, :, :keys], sees[rows, :keys],
+                                  scaling, group) for rows, keys in parts]
+    else:
+        halves = [F.scaled_dot_product_attention(query[:, :, :half], key[:, :, :half], value[:, :, :half],
+                                                 is_causal=True, scale=scaling, enable_gqa=group > 1),
+                  F.scaled_dot_product_attention(query[:, :, half:], key, value, attn_mask=sees[half:],
+                                                 scale=scaling, enable_gqa=group > 1)]
+    return torch.cat(halves, 2).transpose(1, 2).contiguous(), None  # (batch, positions, heads, dim)
 
 
 def _attend_stacked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, sees: torch.Tensor,
