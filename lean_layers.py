@@ -54,21 +54,25 @@ class _RMSNorm(torch.autograd.Function):
         x32 = x.float()
         rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
-        return weight * (x32 * rstd).to(x.dtype)
+        # (x32 * rstd).to(x.dtype) in one pass: out= rounds the fp32 product once, as .to() would
+        normed = torch.mul(x32, rstd, out=torch.empty_like(x))
+        return normed.mul_(weight) if torch.result_type(weight, normed) == normed.dtype else weight * normed
 
     @staticmethod
     @once_differentiable  # rstd was saved without history: a second derivative would be wrong, so refuse it
     def backward(ctx: Any, grad_out: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], None]:
         x, weight, rstd = ctx.saved_tensors
-        x32 = x.float()
+        x32 = x.to(torch.float32, copy=True)  # a copy of its own: it is overwritten below
         grad_x = grad_weight = None
         if ctx.needs_input_grad[1]:  # a trained norm (full fine-tuning); LoRA leaves it frozen
             grad_weight = (grad_out * (x32 * rstd).to(x.dtype)).sum_to_size(weight.shape).to(weight.dtype)
         if ctx.needs_input_grad[0]:  # autograd's own steps backward through the forward's ops, in order
-            g = (grad_out * weight).to(x.dtype).float()                    # w * (.) and the bf16 cast
-            grad_rstd = (g * x32).sum(-1, keepdim=True)                      # x32 * rstd, for rstd
-            grad_mean = grad_rstd * -0.5 * rstd.pow(3) / x.shape[-1]         # rsqrt(. + eps), then mean
-            grad_x = (g * rstd + grad_mean * 2 * x32).to(x.dtype)           # x32 * rstd for x32, and pow(2)
+            # the same ops and roundings in fewer passes: casts fused into out=, products in place
+            g = torch.mul(grad_out, weight, out=torch.empty_like(x)).float()  # w * (.) and the bf16 cast
+            grad_rstd = (g * x32).sum(-1, keepdim=True)                       # x32 * rstd, for rstd
+            grad_mean = grad_rstd * -0.5 * rstd.pow(3) / x.shape[-1]          # rsqrt(. + eps), then mean
+            # g * rstd + grad_mean * 2 * x32: x32 * rstd for x32, and pow(2)
+            grad_x = torch.add(g.mul_(rstd), x32.mul_(grad_mean * 2), out=torch.empty_like(x))
         return grad_x, grad_weight, None
 
 

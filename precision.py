@@ -4,7 +4,9 @@ LoRA's trainable weights and the optimizer state stay fp32 whatever the precisio
 bf16 weight would round away); autocast runs the frozen base's matmuls in bf16 or fp16 where that is faster.
 """
 
+import ctypes
 import os
+import platform
 import random
 import time
 from contextlib import AbstractContextManager, nullcontext
@@ -31,6 +33,23 @@ def pick_device(name: str = "auto") -> torch.device:
         raise ConfigError("device 'mps' requested but MPS is not available; use --device cpu or auto")
     return torch.device(name)
 
+
+
+# glibc's malloc gives freed memory back to the OS: blocks above M_MMAP_THRESHOLD at once, the heap's free top
+# above M_TRIM_THRESHOLD. A training step frees its activations (gigabytes for a causal LM) and allocates them
+# again in the next one, and every page handed back is page-faulted in again. These keep it for reuse.
+# mallopt's parameter numbers (malloc.h) and values: 32 MiB is the most M_MMAP_THRESHOLD takes on 64-bit Linux.
+MALLOC_SETTINGS = {"M_TRIM_THRESHOLD": (-1, 2 ** 30), "M_TOP_PAD": (-2, 2 ** 28), "M_MMAP_THRESHOLD": (-3, 2 ** 25)}
+
+
+def keep_freed_memory_for_reuse() -> bool:
+    """Set MALLOC_SETTINGS in this process's glibc malloc; False where the C library is not glibc (macOS,
+    Windows, musl). SmolLM2 8 x 512 steps (experiments/results/q7_causal_step.json): a tenth of each step's
+    time went to page faults; the peak RSS stays (freed memory is reused, not kept beside new)."""
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    libc = ctypes.CDLL("libc.so.6")
+    return all(libc.mallopt(number, value) == 1 for number, value in MALLOC_SETTINGS.values())
 
 
 def cpu_has_native_bf16() -> bool:

@@ -41,8 +41,8 @@ from families import TRACKS
 from lean_layers import use_lean_layers
 from losses import ChunkedCausalLM
 from lora_linear import apply_lora_to_model, count_lora_parameters, mark_only_lora_as_trainable, save_adapter
-from precision import (autocast_context, cast_frozen_weights, choose_precision, pick_device, seconds_per_training_step,
-                       set_seed, trainable_to_fp32)
+from precision import (autocast_context, cast_frozen_weights, choose_precision, keep_freed_memory_for_reuse,
+                       pick_device, seconds_per_training_step, set_seed, trainable_to_fp32)
 from report import describe_lora_layers, format_parameter_table, machine_description, write_run_report
 from run_folder import (RunRecord, StepSums, TrainingDiverged, already_done, catch_ctrl_c, checkpoint_precision,
                         claim_output_dir,
@@ -251,6 +251,8 @@ def build_run(config: dict, device: torch.device, rank: int = 0, world_size: int
     if training["gradient_checkpointing"]:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.to(device).train()
+    if device.type == "cpu":  # each step's activations reuse the last step's memory instead of faulting it in
+        keep_freed_memory_for_reuse()
     # A causal LM's loss over a 49k-word vocabulary would hold (batch x length x vocab) fp32 logits: losses.py
     # computes it chunk by chunk instead, and lean_layers.py keeps less of each block for backward.
     # Classification heads are small: the model's own forward.

@@ -528,7 +528,9 @@ def q7_saved(args):
 Q7_CAUSAL_SETUPS = ("autograd's layers, 1,024-position loss chunks", "lean_layers, 1,024-position loss chunks",
                     "lean_layers, loss chunks of CHUNK_ELEMENTS logits",
                     "lean_layers and attention in halves, query heads not stacked, loss chunks of CHUNK_ELEMENTS logits",
-                    "lean_layers and attention in halves, loss chunks of CHUNK_ELEMENTS logits (training's default)")
+                    "lean_layers and attention in halves, loss chunks of CHUNK_ELEMENTS logits",
+                    "lean_layers and attention in halves, loss chunks of CHUNK_ELEMENTS logits, freed memory kept "
+                    "for reuse (training's default)")
 
 
 def q7_causal_step(args):
@@ -536,7 +538,8 @@ def q7_causal_step(args):
     dropout 0.05, a batch of 8 x 512 tokens, at the precision auto picks on this CPU (frozen weights stored in
     it). With transformers' own RMSNorm and SwiGLU or lean_layers', the loss in chunks of 1,024 positions (the
     previous chunk size) or of losses.CHUNK_ELEMENTS logits, and sdpa attention or lean_layers'
-    causal_attention_in_halves, with or without the query heads of a key/value head stacked."""
+    causal_attention_in_halves, with or without the query heads of a key/value head stacked, and with glibc's
+    malloc as it comes or told to keep freed memory (precision.keep_freed_memory_for_reuse)."""
     from precision import resolve_precision
     precision, rows = resolve_precision("auto", torch.device("cpu")), []
     for setup in Q7_CAUSAL_SETUPS:
@@ -586,6 +589,7 @@ def q7_causal_child(setup: str, precision: str) -> dict:
     import lean_layers
     from lean_layers import use_lean_layers
     from losses import ChunkedCausalLM
+    from precision import keep_freed_memory_for_reuse
     torch.manual_seed(0)
     model = _smollm2_lora(precision)
     if setup.startswith("lean_layers"):
@@ -594,6 +598,8 @@ def q7_causal_child(setup: str, precision: str) -> dict:
             model.set_attn_implementation("sdpa")  # the norms and MLPs alone
         if "not stacked" in setup:
             lean_layers.WIDE_QUERY_BLOCK_ROWS = 2 ** 62  # no group of query heads is ever that long
+    if "kept for reuse" in setup:
+        keep_freed_memory_for_reuse()
     step_model = ChunkedCausalLM(model.train(), chunk_size=1024 if "1,024" in setup else None)
     step, seconds = _timed_causal_steps(step_model, model, precision), []
     peak = peak_memory_during(lambda: seconds.extend(step() for _ in range(6)), torch.device("cpu"))
@@ -636,8 +642,10 @@ def q7_profile_child(side: str, precision: str) -> dict:
     from sources import load_base_model
     torch.manual_seed(0)
     if side == "this repo":  # what build_run makes for this track
+        from precision import keep_freed_memory_for_reuse
         model = _smollm2_lora(precision)
         use_lean_layers(model)
+        keep_freed_memory_for_reuse()
         step_model = ChunkedCausalLM(model.train())
     else:  # what benchmarks/hf_trainer_reference.py trains
         from peft import LoraConfig, get_peft_model

@@ -102,8 +102,9 @@ def test_dropout_path_gradients_match_autograd_through_the_same_mask():
     layer_path = lambda x, A: (torch.manual_seed(0), _DropoutThenA.apply(x, A, 0.3))[1]  # the same mask each call
     assert torch.autograd.gradcheck(layer_path, (x, A))
     torch.manual_seed(0)
-    keep = _keep_mask(x.shape, 0.3, x.device)  # the mask it draws
-    reference = nn.functional.linear(x * keep / 0.7, A)
+    keep, scale = _keep_mask(x.shape, 0.3, x.device)  # the mask it draws
+    assert abs(scale - 1 / 0.7) < 1 / 0.7 * 2 ** -15  # p = 0.3 to within 2^-16
+    reference = nn.functional.linear(x * keep * scale, A)
     torch.testing.assert_close(layer_path(x, A), reference)
 
 
@@ -115,7 +116,7 @@ def test_dropout_path_under_bf16_autocast_matches_autograd(x_dtype):
         torch.manual_seed(1)
         out = _DropoutThenA.apply(x, A, 0.2)
         torch.manual_seed(1)
-        reference = nn.functional.linear(_kept(x, _keep_mask(x.shape, 0.2, x.device), 0.2), A)
+        reference = nn.functional.linear(_kept(x, *_keep_mask(x.shape, 0.2, x.device)), A)
     grad = torch.randn_like(out)
     for mine, theirs in zip(torch.autograd.grad(out, (x, A), grad), torch.autograd.grad(reference, (x, A), grad)):
         assert mine.dtype == theirs.dtype
@@ -125,17 +126,20 @@ def test_dropout_path_under_bf16_autocast_matches_autograd(x_dtype):
 @pytest.mark.parametrize("p", [0.05, 0.3])
 def test_the_dropout_mask_keeps_each_input_with_probability_one_minus_p(p):
     torch.manual_seed(0)
-    shape = torch.Size([3, 1001, 333])  # an odd count: half of the last 64-bit draw is unused
-    keep = _keep_mask(shape, p, torch.device("cpu"))
+    shape = torch.Size([3, 1001, 333])  # a count that is not a multiple of 4: part of the last 64-bit draw is unused
+    keep, scale = _keep_mask(shape, p, torch.device("cpu"))
     assert keep.dtype == torch.bool and keep.shape == shape
+    kept = 1 / scale  # P(kept) of the p it resolved, within 2^-16 of 1 - p
+    assert abs(kept - (1 - p)) <= 2 ** -17
     n = shape.numel()
-    assert abs(keep.float().mean().item() - (1 - p)) < 5 * (p * (1 - p) / n) ** 0.5  # five binomial sigmas
-    # neighbours (the two halves of one 64-bit draw) are independent: P(both kept) = (1 - p)^2
-    pairs, both = keep.flatten()[:n - 1].view(-1, 2), (1 - p) ** 2
+    assert abs(keep.float().mean().item() - kept) < 5 * (kept * (1 - kept) / n) ** 0.5  # five binomial sigmas
+    # neighbours (quarters of one 64-bit draw) are independent: P(both kept) = P(kept)^2
+    pairs, both = keep.flatten()[:n - 1].view(-1, 2), kept ** 2
     assert abs((pairs[:, 0] & pairs[:, 1]).float().mean().item() - both) < 5 * (both * (1 - both) / len(pairs)) ** 0.5
-    assert _keep_mask(shape, 0.0, torch.device("cpu")).all()
-    assert not _keep_mask(shape, 1 - 1e-12, torch.device("cpu")).any()  # p near 1 drops (no integer wrap-around)
-    assert not torch.equal(keep, _keep_mask(shape, p, torch.device("cpu")))  # a new mask each call
+    assert _keep_mask(shape, 0.0, torch.device("cpu"))[0].all()
+    # p near 1 keeps one value in 2^16 (no integer wrap-around that would keep all)
+    assert keep.numel() * 2 ** -16 / 4 < _keep_mask(shape, 1 - 1e-12, torch.device("cpu"))[0].sum() < n * 2 ** -15
+    assert not torch.equal(keep, _keep_mask(shape, p, torch.device("cpu"))[0])  # a new mask each call
 
 
 def test_dropout_keeps_only_its_input_and_a_byte_mask_for_backward():
