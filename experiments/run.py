@@ -534,23 +534,51 @@ Q7_CAUSAL_SETUPS = ("autograd's layers, 1,024-position loss chunks", "lean_layer
 
 
 def q7_causal_step(args):
-    """The causal track's training step, one process per setup: SmolLM2-135M, LoRA r=8 on q_proj+v_proj with
-    dropout 0.05, a batch of 8 x 512 tokens, at the precision auto picks on this CPU (frozen weights stored in
-    it). With transformers' own RMSNorm and SwiGLU or lean_layers', the loss in chunks of 1,024 positions (the
-    previous chunk size) or of losses.CHUNK_ELEMENTS logits, and sdpa attention or lean_layers'
-    causal_attention_in_halves, with or without the query heads of a key/value head stacked, and with glibc's
-    malloc as it comes or told to keep freed memory (precision.keep_freed_memory_for_reuse)."""
+    """The causal track's training step: SmolLM2-135M, LoRA r=8 on q_proj+v_proj with dropout 0.05, a batch of
+    8 x 512 tokens, at the precision auto picks on this CPU (frozen weights stored in it). With transformers' own
+    RMSNorm and SwiGLU or lean_layers', the loss in chunks of 1,024 positions (the previous chunk size) or of
+    losses.CHUNK_ELEMENTS logits, and sdpa attention or lean_layers' causal_attention_in_halves, with or without
+    the query heads of a key/value head stacked, and with glibc's malloc as it comes or told to keep freed memory
+    (precision.keep_freed_memory_for_reuse). Peak RSS, time and page faults in a process per setup; the time
+    again with the setups taking turns in one process (q7_causal_times), where the machine's drift over the
+    minutes weighs on all alike."""
     from precision import resolve_precision
     precision, rows = resolve_precision("auto", torch.device("cpu")), []
     for setup in Q7_CAUSAL_SETUPS:
         rows.append({"setup": setup, **measure_in_child("experiments/run.py:q7_causal_child", setup=setup,
                                                         precision=precision)})
         print(rows[-1], flush=True)
+    in_turns = measure_in_child("experiments/run.py:q7_causal_times", precision=precision)
+    for row in rows:
+        row["seconds_per_step_in_turns"] = in_turns.get(row["setup"])
+    print(in_turns, flush=True)
     save("q7_causal_step", {"model": "SmolLM2-135M (bundled), LoRA r=8 q_proj+v_proj, dropout 0.05",
                             "batch": "8 x 512 tokens", "precision": precision,
                             "memory": "CPU peak RSS sampled during 6 optimizer steps (model and interpreter included)",
-                            "time": "median of steps 3 to 6 (steps 1 and 2 grow the allocator's pools)",
+                            "time": "seconds_per_step: median of steps 3 to 6 in the setup's own process (steps 1 "
+                                    "and 2 grow the allocator's pools), page faults and system time likewise; "
+                                    "seconds_per_step_in_turns: q7_causal_times",
                             "rows": rows})
+
+
+def _causal_setup(model, setup: str, stacked_rows: int):
+    """Put the model in a setup of Q7_CAUSAL_SETUPS, whatever setup it was in before, and return its step model
+    (stacked_rows: lean_layers.WIDE_QUERY_BLOCK_ROWS as the code has it). The malloc part of a setup is the
+    caller's: it holds for the whole process."""
+    import lean_layers
+    from lean_layers import RMS_NORMS, SWIGLU_MLPS, use_lean_layers
+    from losses import ChunkedCausalLM
+    for module in model.modules():  # transformers' own forwards back
+        if type(module).__name__ in RMS_NORMS + SWIGLU_MLPS and "forward" in vars(module):
+            del module.forward
+    model.set_attn_implementation("sdpa")
+    if setup.startswith("lean_layers"):
+        use_lean_layers(model)  # the norms, MLPs and attention in halves
+        if "halves" not in setup:
+            model.set_attn_implementation("sdpa")  # the norms and MLPs alone
+    # not stacked: no group of query heads is ever 2^62 long
+    lean_layers.WIDE_QUERY_BLOCK_ROWS = 2 ** 62 if "not stacked" in setup else stacked_rows
+    return ChunkedCausalLM(model.train(), chunk_size=1024 if "1,024" in setup else None)
 
 
 def _smollm2_lora(precision: str):
@@ -585,26 +613,53 @@ def _timed_causal_steps(step_model, model, precision: str):
 
 def q7_causal_child(setup: str, precision: str) -> dict:
     """One setup of q7_causal_step, run by harness.measure_in_child in a process of its own."""
+    import resource
     import statistics
     import lean_layers
-    from lean_layers import use_lean_layers
-    from losses import ChunkedCausalLM
     from precision import keep_freed_memory_for_reuse
     torch.manual_seed(0)
     model = _smollm2_lora(precision)
-    if setup.startswith("lean_layers"):
-        use_lean_layers(model)
-        if "halves" not in setup:
-            model.set_attn_implementation("sdpa")  # the norms and MLPs alone
-        if "not stacked" in setup:
-            lean_layers.WIDE_QUERY_BLOCK_ROWS = 2 ** 62  # no group of query heads is ever that long
+    step_model = _causal_setup(model, setup, lean_layers.WIDE_QUERY_BLOCK_ROWS)
     if "kept for reuse" in setup:
         keep_freed_memory_for_reuse()
-    step_model = ChunkedCausalLM(model.train(), chunk_size=1024 if "1,024" in setup else None)
-    step, seconds = _timed_causal_steps(step_model, model, precision), []
-    peak = peak_memory_during(lambda: seconds.extend(step() for _ in range(6)), torch.device("cpu"))
+    step, seconds, faults, system = _timed_causal_steps(step_model, model, precision), [], [], []
+
+    def counted_steps():
+        for _ in range(6):
+            before = resource.getrusage(resource.RUSAGE_SELF)
+            seconds.append(step())
+            after = resource.getrusage(resource.RUSAGE_SELF)
+            faults.append(after.ru_minflt - before.ru_minflt)
+            system.append(after.ru_stime - before.ru_stime)
+    peak = peak_memory_during(counted_steps, torch.device("cpu"))
     return {"peak_mb": round(peak), "seconds_per_step": round(statistics.median(seconds[2:]), 2),
-            "seconds_per_step_all": [round(s, 2) for s in seconds]}
+            "seconds_per_step_all": [round(s, 2) for s in seconds],
+            "page_faults_per_step": round(statistics.median(faults[2:])),
+            "system_seconds_per_step": round(statistics.median(system[2:]), 2)}
+
+
+def q7_causal_times(precision: str, rounds: int = 6) -> dict:
+    """Seconds per step of each setup of Q7_CAUSAL_SETUPS but the last, in one process (harness.measure_in_child):
+    one step of each setup in turn, the order reversed every round, median over `rounds` steps after two of each.
+    Freed memory is kept for reuse throughout (training's default; the last setup differs from the one before it
+    only in that, so its time here is the same by construction and not measured)."""
+    import statistics
+    import lean_layers
+    from precision import keep_freed_memory_for_reuse
+    keep_freed_memory_for_reuse()
+    torch.manual_seed(0)
+    model, stacked_rows = _smollm2_lora(precision), lean_layers.WIDE_QUERY_BLOCK_ROWS
+    setups = Q7_CAUSAL_SETUPS[:-1]
+    steps = {setup: _timed_causal_steps(_causal_setup(model, setup, stacked_rows), model, precision)
+             for setup in setups}
+    times = {setup: [] for setup in setups}
+    for round_index in range(-2, rounds):
+        for setup in setups[::-1] if round_index % 2 else setups:
+            _causal_setup(model, setup, stacked_rows)  # the model's part; the step (its loss chunks) is made above
+            seconds = steps[setup]()
+            if round_index >= 0:
+                times[setup].append(seconds)
+    return {setup: round(statistics.median(t), 2) for setup, t in times.items()}
 
 
 # Profiler op names by kind (self CPU time of each op; the rest is elementwise work, casts and the optimizer)
