@@ -400,10 +400,12 @@ def load_config(args: argparse.Namespace) -> dict:
     # a task other than the model's own (GPT-2 as a classifier) is part of the run's name
     name_extra = [f"task-{task}"] if own_task and task != own_task else []
     named_by_configuration = (flags.get("output_dir") or user.get("output_dir")) is None
-    if named_by_configuration and asset:
+    if named_by_configuration:  # offline, another model or other data: never the folder of the real run
         import sources  # imports this module
-        if sources.falls_back(model_name):  # offline, another model: never the folder of the real model's run
+        if asset and sources.falls_back(model_name):
             name_extra.append(f"offline-{asset}")
+        elif sources.dataset_falls_back(config):  # the real model (a folder, the cache) on the offline data
+            name_extra.append(f"offline-{config['fallback']['offline_dataset']}")
     config["output_dir"], config["logging_dir"] = run_folders(config, validate_config(track), name_extra)
     if os.path.isdir(model_name) and os.path.realpath(config["output_dir"]) == os.path.realpath(model_name):
         raise ConfigError(f"output_dir is the model folder '{model_name}': the adapter would be written into the "

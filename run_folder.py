@@ -27,7 +27,7 @@ import torch
 from config import LATEST_RUN_LINK, RESULTS_ROOT, ConfigError
 from lora_linear import AdapterError, load_adapter, save_adapter, write_atomically
 from report import write_json_atomic
-from sources import model_reachable
+from sources import dataset_falls_back, model_reachable
 
 log = logging.getLogger("train_lora")
 
@@ -516,8 +516,10 @@ def already_done(config: dict, args: argparse.Namespace) -> Optional[str]:
         with open(metrics_path, encoding="utf-8") as f:
             metrics = json.load(f)
         best = metrics["best"]
-        if metrics["provenance"]["model"].get("fallback") and model_reachable(config["model_name"]):
-            return None  # trained on the offline fallback, and the real model can be had now: not the same run
+        provenance = metrics["provenance"]
+        if provenance["model"].get("fallback") and model_reachable(config["model_name"]) \
+                or provenance.get("data", {}).get("fallback") and not dataset_falls_back(config):
+            return None  # trained on an offline fallback, and the real model or data can be had now: not the same run
         return f"{best['metric_name']} {float(best['value']):.4f}"
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None  # unreadable: claim_output_dir explains what to do

@@ -297,7 +297,7 @@ def _load_hub_or_fallback(config):
     name, subset = data["dataset_name"], data["dataset_config"]
     label = f"{name}/{subset}" if subset else name
     reason = None
-    if hub_reachable() or _in_datasets_cache(name):
+    if dataset_reachable(name):
         from datasets import load_dataset
         try:
             dataset = load_dataset(name, subset)
@@ -321,6 +321,19 @@ def _load_hub_or_fallback(config):
     columns = ("sentence", None, "label") if fallback == "rotten_tomatoes" else ("text", None, None)
     return train, validation, {"source": assets.PROVENANCE[fallback], "dataset": fallback, "requested": label,
                                "fallback": True, "reason": reason}, columns
+
+
+def dataset_falls_back(config: dict) -> bool:
+    """True when load_splits would replace the config's Hub dataset by the offline fallback asset (no local
+    files, the Hub unreachable, the dataset not cached): the run then trains on other data, so its results
+    folder is named for that (config.run_folders)."""
+    return bool(config["fallback"]["offline_dataset"]) and not config["data"]["train_file"] \
+        and not dataset_reachable(config["data"]["dataset_name"])
+
+
+def dataset_reachable(name: str) -> bool:
+    """True if the Hub dataset `name` can be loaded: the Hub, or the datasets cache."""
+    return hub_reachable() or _in_datasets_cache(name)
 
 
 def _in_datasets_cache(name):

@@ -320,15 +320,23 @@ def test_a_gpt2_adapter_generates_in_demo_and_interactive_modes_beside_the_base(
 def test_a_run_on_the_offline_fallback_has_its_own_folder(monkeypatch):
     import sources
     monkeypatch.setattr(sources, "model_reachable", lambda name: True)  # online, or gpt2 in the cache
+    monkeypatch.setattr(sources, "dataset_reachable", lambda name: True)  # and wikitext too
     online = config_of("--model", "gpt2", "--rank", "4")
+    monkeypatch.setattr(sources, "dataset_reachable", lambda name: False)  # gpt2 cached, wikitext not
+    data_only = config_of("--model", "gpt2", "--rank", "4")
+    bert_data_only = config_of("--model", "bert-base-uncased")
     monkeypatch.setattr(sources, "model_reachable", lambda name: False)  # offline: SmolLM2 will be trained
     offline = config_of("--model", "gpt2", "--rank", "4")
     assert online["output_dir"] == os.path.join("results", "gpt2_rank4")
+    assert data_only["output_dir"] == os.path.join("results", "gpt2_offline-english_text_rank4")
+    assert bert_data_only["output_dir"] == os.path.join("results", "bert-base-uncased_offline-rotten_tomatoes")
     assert offline["output_dir"] == os.path.join("results", "gpt2_offline-smollm2_rank4")
     assert offline["logging_dir"] == os.path.join("logs", "gpt2_offline-smollm2_rank4")
-    assert config_of("--model", "gpt2", "--offline_model", "none")["output_dir"] == os.path.join("results", "gpt2")
+    assert config_of("--model", "gpt2", "--offline_model", "none")["output_dir"] == os.path.join(
+        "results", "gpt2_offline-english_text")  # no model fallback asked for; the data still falls back
     assert config_of("--model", "gpt2", "--output_dir", "mine")["output_dir"] == os.path.join("results", "mine")
-    assert config_of("--model", "smollm2")["output_dir"] == os.path.join("results", "smollm2")  # the asset itself
+    # the asset itself is no fallback; the text it trains on offline is
+    assert config_of("--model", "smollm2")["output_dir"] == os.path.join("results", "smollm2_offline-english_text")
 
 
 def test_a_finished_fallback_run_is_not_taken_for_the_real_model_once_it_can_be_had(tmp_path, monkeypatch):
@@ -343,3 +351,11 @@ def test_a_finished_fallback_run_is_not_taken_for_the_real_model_once_it_can_be_
     assert run_folder.already_done(config, args) == "perplexity 52.3000"  # still offline: the same run
     monkeypatch.setattr(run_folder, "model_reachable", lambda name: True)
     assert run_folder.already_done(config, args) is None  # GPT-2 itself can be loaded now: train it
+    # the real model on the offline data (a folder named before runs on fallback data got their own)
+    (tmp_path / "training_metrics.json").write_text(json.dumps({
+        "best": {"metric_name": "perplexity", "value": 61.0},
+        "provenance": {"model": {"requested": "gpt2", "used": "gpt2"}, "data": {"fallback": True}}}))
+    monkeypatch.setattr(run_folder, "dataset_falls_back", lambda config: True)
+    assert run_folder.already_done(config, args) == "perplexity 61.0000"  # wikitext still out of reach
+    monkeypatch.setattr(run_folder, "dataset_falls_back", lambda config: False)
+    assert run_folder.already_done(config, args) is None  # wikitext can be loaded now: train on it
