@@ -390,12 +390,14 @@ def resolve_targets(model: nn.Module,
     if bad:
         raise ValueError(f"LoRA wraps only Linear/Conv1D layers, but target_modules also match: "
                          f"{', '.join(bad[:5])}. Name the projections instead: {', '.join(leaf_names)}")
-    heads = [n for n in selected if any(n == h or n.startswith(h + ".") for h in _classifier_names(model))]
+    in_head = lambda n: any(n == h or n.startswith(h + ".") for h in _classifier_names(model))  # noqa: E731
+    heads = [n for n in selected if in_head(n)]
     for name in heads:  # a new classification head trains in full (modules_to_save): PEFT skips it as a target too
         del selected[name]
     if heads and not selected:
+        before = dict.fromkeys(n.rsplit(".", 1)[-1] for n in sorted(wrapped) + linears if not in_head(n))
         raise ValueError(f"target_modules match only the classification head ({', '.join(heads)}), which trains "
-                         f"in full anyway; name layers before it: {', '.join(leaf_names)}")
+                         f"in full anyway; name layers before it: {', '.join(before)}")
     resolved = {}
     for name, slices in selected.items():
         if slices is None or len(slices) == next(iter(slices))[1]:  # every slice: the plain layer

@@ -223,12 +223,16 @@ class TrainingDiverged(RuntimeError):
     """The loss or an evaluation became nan or inf: reported in one line, exit status 1."""
 
 
-def request_stop(*_: Any) -> None:
+def request_stop(*signal_args: Any) -> None:
     """SIGINT handler: the loop finishes its optimizer step, saves a checkpoint and exits 130."""
     global _STOP_REQUESTED
     if _STOP_REQUESTED:  # a second Ctrl-C stops at once
         raise KeyboardInterrupt
     _STOP_REQUESTED = True
+    if signal_args:  # Ctrl-C, not a callback: say so at once (a big evaluation or step can take minutes)
+        # os.write, not print: the handler may run while the progress bar is in the middle of a print
+        os.write(2, b"\nCtrl-C: stopping after the current step or evaluation, with a checkpoint "
+                    b"(Ctrl-C again: stop at once, without one)\n")
 
 
 def stop_requested() -> bool:
@@ -507,7 +511,8 @@ def load_checkpoint(output_dir: str, model: torch.nn.Module, optimizer: torch.op
 
 def already_done(config: dict, args: argparse.Namespace) -> Optional[str]:
     """A sweep that reaches a configuration it already finished (its folder is named by the configuration):
-    the run's result, else None. The course's loops can then be run again without an error."""
+    the run's result, else None. The course's loops without --output can then be run again without an error;
+    a folder the user named is never taken as done (its settings may differ): claim_output_dir refuses it."""
     metrics_path = os.path.join(config["output_dir"], "training_metrics.json")
     if args.resume or args.overwrite_output_dir or not config.get("track", {}).get("named_by_configuration") \
             or not os.path.isfile(metrics_path) or newest_checkpoint(config["output_dir"]):

@@ -87,7 +87,7 @@ def resolve_model_source(model_name: str, fallback: Optional[str] = None) -> Tup
                                          "source": assets.PROVENANCE[asset]}
     if not fallback:
         raise ConfigError(f"model '{model_name}' is not in the local cache and the Hugging Face Hub cannot be "
-                          f"reached; connect, pass a local folder, or set fallback.offline_model")
+                          f"reached; connect, or pass a local folder (training: or set fallback.offline_model)")
     reason = OFFLINE_REASON
     banner([f"OFFLINE FALLBACK: model '{model_name}' replaced by {ASSET_HUB_IDS[fallback]}",
             f"why: {reason} and '{model_name}' is not in the local cache",

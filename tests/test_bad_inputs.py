@@ -240,9 +240,13 @@ def test_output_dir_that_is_the_model_folder(tiny_assets, tmp_path, capsys):
 
 
 def test_targets_that_match_only_the_classification_head(tiny_assets, tmp_path, capsys):
-    refused(capsys, train_args(tiny_assets, tmp_path / "out", tiny_assets["train_csv"], "--target_modules",
-                               "classifier"), "target_modules match only the classification head (classifier)",
-            tmp_path / "out")
+    code = train_lora_basic.main(train_args(tiny_assets, tmp_path / "out", tiny_assets["train_csv"],
+                                            "--target_modules", "classifier"))
+    err = capsys.readouterr().err
+    assert_one_line_exit_2(code, err, "target_modules match only the classification head (classifier)")
+    assert_nothing_written(tmp_path / "out")
+    before = err.split("name layers before it: ")[-1]  # the layers it offers, not the head it refused
+    assert "query" in before and "classifier" not in before
 
 
 # --------------------------------------------------------------------------- checkpoints on --resume

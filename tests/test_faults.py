@@ -314,3 +314,18 @@ def test_inference_refuses_an_adapter_with_nan_weights(tiny_runs, tmp_path, caps
     code = inference_example.main(["--adapter_dir", str(folder), "--mode", "demo", "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "non-finite" in err
+
+
+def test_ctrl_c_says_at_once_that_the_run_will_stop_after_its_step(capfd):
+    import signal as signals
+    import run_folder
+    run_folder.catch_ctrl_c(False)  # no stop requested yet
+    run_folder.request_stop()  # a callback's request: nothing to tell
+    assert run_folder.stop_requested() and capfd.readouterr().err == ""
+    run_folder.catch_ctrl_c(False)
+    run_folder.request_stop(signals.SIGINT, None)  # as the signal module calls the handler
+    err = capfd.readouterr().err
+    assert run_folder.stop_requested() and "Ctrl-C: stopping after the current step or evaluation" in err
+    with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C stops at once
+        run_folder.request_stop(signals.SIGINT, None)
+    run_folder.catch_ctrl_c(False)
