@@ -8,7 +8,7 @@ import platform
 import sys
 import time
 from collections import Counter
-from typing import TYPE_CHECKING, Any, Dict
+from typing import TYPE_CHECKING, Any, Dict, Tuple
 
 import torch
 
@@ -122,6 +122,13 @@ def write_json_atomic(path: str, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2) + "\n")
 
 
+def wall_time_and_peak(run: "Run") -> Tuple[float, float]:
+    """(seconds, MB): the run's wall time and peak memory so far, with a resumed run's earlier processes (up to
+    the checkpoint it resumed from, run.earlier) counted, not only this one."""
+    earlier_seconds, earlier_peak = run.earlier
+    return earlier_seconds + time.time() - run.start, max(earlier_peak, peak_memory_mb(run.device))
+
+
 def write_run_report(run: "Run") -> dict:
     """training_metrics.json, training_curves.png and model_comparison.txt for a finished run (train_lora_basic.Run);
     returns the metrics."""
@@ -132,14 +139,14 @@ def write_run_report(run: "Run") -> dict:
     adapter_bytes = os.path.getsize(os.path.join(output_dir, "adapter_model.safetensors"))
     base_params = counts["total"] - counts["lora"]
     full_bytes = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".lora." not in n)
-    peak = peak_memory_mb(device)
+    wall_time, peak = wall_time_and_peak(run)
     metrics = {
         "best": state["best"], "epochs": state["epochs"], "history": state["history"],
         "parameters": counts, "adapted_layers": describe_lora_layers(model, compact=True), "precision": run.precision,
         "precision_reason": run.precision_reason, "device": str(device),
         "machine": machine_description(device), "world_size": run.world_size,
         "train_time_s": round(state["train_time_s"], 2), "eval_time_s": round(state.get("eval_time_s", 0.0), 2),
-        "wall_time_s": round(time.time() - run.start, 2), "initial_eval": state["history"]["eval"][0],
+        "wall_time_s": round(wall_time, 2), "initial_eval": state["history"]["eval"][0],
         "peak_memory_mb": round(peak, 1), "peak_memory_kind": "cuda max allocated" if device.type == "cuda"
         else "process peak RSS", "adapter_bytes": adapter_bytes, "library_versions": library_versions(),
         "label_names": provenance["data"].get("label_names"), "provenance": provenance, "config": config,

@@ -43,7 +43,8 @@ from losses import ChunkedCausalLM
 from lora_linear import apply_lora_to_model, count_lora_parameters, mark_only_lora_as_trainable, save_adapter
 from precision import (autocast_context, cast_frozen_weights, choose_precision, keep_freed_memory_for_reuse,
                        pick_device, seconds_per_training_step, set_seed, trainable_to_fp32)
-from report import describe_lora_layers, format_parameter_table, machine_description, write_run_report
+from report import (describe_lora_layers, format_parameter_table, machine_description, wall_time_and_peak,
+                    write_run_report)
 from run_folder import (RunRecord, StepSums, TrainingDiverged, already_done, catch_ctrl_c, checkpoint_precision,
                         claim_output_dir,
                         commit_overwrite, keep_if_best, load_checkpoint, new_state, point_latest_run, request_stop,
@@ -108,6 +109,7 @@ class Run:
     counts: dict
     state: dict = field(default_factory=new_state)
     start: float = field(default_factory=time.time)
+    earlier: tuple = (0.0, 0.0)   # a resumed run's earlier processes: wall seconds and peak MB (report.wall_time_and_peak)
     sums: Optional[StepSums] = None
     record: Optional[RunRecord] = None
 
@@ -378,12 +380,18 @@ def train_loop(run: Run, callbacks: Sequence[Callable[[dict], Any]] = ()) -> boo
     return False
 
 
+def checkpoint(run: Run) -> None:
+    """save_checkpoint, with the run's wall time and peak memory so far: a resumed run reports all its processes."""
+    run.state["wall_time_s"], run.state["peak_memory_mb"] = wall_time_and_peak(run)
+    save_checkpoint(run.config["output_dir"], run.model, run.optimizer, run.scheduler, run.scaler, run.state,
+                    run.config, run.provenance)
+
+
 def checkpoint_mid_epoch(run: Run) -> None:
     """A checkpoint inside an epoch: the unflushed loss sums go into it as they are (see StepSums.park), and the
     run goes on with them on the device."""
     run.sums.park()
-    save_checkpoint(run.config["output_dir"], run.model, run.optimizer, run.scheduler, run.scaler, run.state,
-                    run.config, run.provenance)
+    checkpoint(run)
     del run.state["pending"]  # only for a run resumed from this checkpoint
 
 
@@ -468,8 +476,7 @@ def end_epoch(run: Run) -> None:
                                                              for k, v in summary.items() if k != "epoch"))
     state.update(epoch=state["epoch"] + 1, batch_in_epoch=0, epoch_sums=[0.0, 0.0, 0.0])
     if run.saves and state["epoch"] < run.config["training"]["num_epochs"] and state["step"] < run.total_steps:
-        save_checkpoint(run.config["output_dir"], run.model, run.optimizer, run.scheduler, run.scaler, state,
-                        run.config, run.provenance)
+        checkpoint(run)
 
 
 # ----------------------------------------------------------------------------- the command
@@ -509,6 +516,7 @@ def _train(config: dict, args, callbacks, rank: int, world_size: int, device: to
     run = build_run(config, device, rank, world_size, saves=is_main, resume=args.resume,
                     purge_step=0 if args.overwrite_output_dir else None)
     run.start = start
+    run.earlier = (run.state.get("wall_time_s", 0.0), run.state.get("peak_memory_mb", 0.0))  # 0 if not resumed
     log_setup(run)
     previous_handler = catch_ctrl_c(is_main and world_size == 1)
     try:
@@ -522,8 +530,7 @@ def _train(config: dict, args, callbacks, rank: int, world_size: int, device: to
             signal.signal(signal.SIGINT, previous_handler)
     if interrupted:
         if is_main:
-            save_checkpoint(output_dir, run.model, run.optimizer, run.scheduler, run.scaler, run.state, config,
-                            run.provenance)
+            checkpoint(run)
             log.info(f"interrupted at step {run.state['step']}: checkpoint saved to {output_dir}/checkpoint; "
                      f"continue with the same command plus --resume")
         return 130

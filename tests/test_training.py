@@ -110,6 +110,30 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(tiny_assets, tmp_pat
     assert metrics_of(part)["best"]["value"] == metrics_of(full)["best"]["value"]
 
 
+def test_a_resumed_run_reports_the_wall_time_and_peak_of_all_its_processes(tiny_assets, tmp_path):
+    import time
+    part = tmp_path / "part"
+
+    def stop_at_step_2(state):
+        if state["step"] == 2:
+            train_lora_basic.request_stop()
+    assert train_lora_basic.main(bert_args(tiny_assets, part, "--max_steps", "4"), callbacks=[stop_at_step_2]) == 130
+    folder = part / "checkpoint"
+    saved = torch.load(folder / "trainer_state.pt", weights_only=True)
+    assert saved["state"]["wall_time_s"] > 0 and saved["state"]["peak_memory_mb"] > 0  # the first process's
+    # as if the first process had run for 1,000 s and peaked at 1 TB: the report must count them
+    saved["state"].update(wall_time_s=1000.0, peak_memory_mb=1e6)
+    torch.save(saved, folder / "trainer_state.pt")
+    marker = json.loads((folder / "checkpoint_complete.json").read_text())
+    marker["files"]["trainer_state.pt"] = (folder / "trainer_state.pt").stat().st_size
+    (folder / "checkpoint_complete.json").write_text(json.dumps(marker))
+    start = time.time()
+    assert train_lora_basic.main(bert_args(tiny_assets, part, "--max_steps", "4", "--resume")) == 0
+    metrics = metrics_of(part)
+    assert 1000 < metrics["wall_time_s"] <= 1000 + time.time() - start
+    assert metrics["peak_memory_mb"] == 1e6
+
+
 def test_occupied_or_finished_output_dir_is_not_overwritten(tiny_assets, tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
