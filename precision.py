@@ -44,8 +44,9 @@ MALLOC_SETTINGS = {"M_TRIM_THRESHOLD": (-1, 2 ** 30), "M_TOP_PAD": (-2, 2 ** 28)
 
 def keep_freed_memory_for_reuse() -> bool:
     """Set MALLOC_SETTINGS in this process's glibc malloc; False where the C library is not glibc (macOS,
-    Windows, musl). SmolLM2 8 x 512 steps (experiments/results/q7_causal_step.json): a tenth of each step's
-    time went to page faults; the peak RSS stays (freed memory is reused, not kept beside new)."""
+    Windows, musl). A SmolLM2 step at 8 x 512 (experiments/results/q7_causal_step.json): 3,240 page faults
+    instead of 133,894, 0.14 s of system time instead of 0.41, the same peak RSS (freed memory is reused, not
+    kept beside new)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     libc = ctypes.CDLL("libc.so.6")

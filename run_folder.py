@@ -231,8 +231,11 @@ def request_stop(*signal_args: Any) -> None:
     _STOP_REQUESTED = True
     if signal_args:  # Ctrl-C, not a callback: say so at once (a big evaluation or step can take minutes)
         # os.write, not print: the handler may run while the progress bar is in the middle of a print
-        os.write(2, b"\nCtrl-C: stopping after the current step or evaluation, with a checkpoint "
-                    b"(Ctrl-C again: stop at once, without one)\n")
+        try:
+            os.write(2, b"\nCtrl-C: stopping after the current step or evaluation, with a checkpoint "
+                        b"(Ctrl-C again: stop at once, without one)\n")
+        except OSError:  # no stderr (closed): the stop itself must still happen
+            pass
 
 
 def stop_requested() -> bool:

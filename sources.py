@@ -339,7 +339,7 @@ def dataset_reachable(name: str) -> bool:
 def _in_datasets_cache(name):
     from datasets import config as datasets_config
     cache = datasets_config.HF_DATASETS_CACHE
-    return os.path.isdir(cache) and any(name.replace("/", "___") in d for d in os.listdir(cache))
+    return bool(name) and os.path.isdir(cache) and any(name.replace("/", "___") in d for d in os.listdir(cache))
 
 
 def _check_columns(rows, columns, task, source, where=None):
