@@ -313,6 +313,11 @@ def _classifier_names(model):
     return {n for n in HEAD_NAMES if isinstance(getattr(model, n, None), nn.Module)}
 
 
+def _inside(name: str, modules) -> bool:
+    """True if module `name` is one of `modules` or inside one of them."""
+    return any(name == m or name.startswith(m + ".") for m in modules)
+
+
 def _head_names(model):
     """Module names of the output head: the LM head and classification heads (never adapted by 'all')."""
     names = _classifier_names(model)
@@ -359,7 +364,7 @@ def resolve_targets(model: nn.Module,
                if isinstance(m, (nn.Linear, Conv1D)) and n not in inside_wrapper]
     if target_modules in ("all", "all-linear"):
         heads = _head_names(model)
-        return {n: None for n in linears if not any(n == h or n.startswith(h + ".") for h in heads)}
+        return {n: None for n in linears if not _inside(n, heads)}
     modules = dict(model.named_modules())
     if isinstance(target_modules, str):  # PEFT reads a string as a regex over the full name
         found = [n for n in modules if re.fullmatch(target_modules, n)]
@@ -390,12 +395,12 @@ def resolve_targets(model: nn.Module,
     if bad:
         raise ValueError(f"LoRA wraps only Linear/Conv1D layers, but target_modules also match: "
                          f"{', '.join(bad[:5])}. Name the projections instead: {', '.join(leaf_names)}")
-    in_head = lambda n: any(n == h or n.startswith(h + ".") for h in _classifier_names(model))  # noqa: E731
-    heads = [n for n in selected if in_head(n)]
+    classifiers = _classifier_names(model)
+    heads = [n for n in selected if _inside(n, classifiers)]
     for name in heads:  # a new classification head trains in full (modules_to_save): PEFT skips it as a target too
         del selected[name]
     if heads and not selected:
-        before = dict.fromkeys(n.rsplit(".", 1)[-1] for n in sorted(wrapped) + linears if not in_head(n))
+        before = dict.fromkeys(n.rsplit(".", 1)[-1] for n in sorted(wrapped) + linears if not _inside(n, classifiers))
         raise ValueError(f"target_modules match only the classification head ({', '.join(heads)}), which trains "
                          f"in full anyway; name layers before it: {', '.join(before)}")
     resolved = {}
